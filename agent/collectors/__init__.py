@@ -1,0 +1,57 @@
+"""Host facts, one small module per source (after node_exporter's collectors).
+
+Each collector is a function `collect(ctx) -> dict` registered by name. `run_all` runs
+them, times them and catches their failures, so a broken collector shows up as
+`{"ok": false, "error": ...}` in the report instead of breaking the check-in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What collectors read from: configurable roots so tests can point them elsewhere."""
+
+    proc: Path = Path("/proc")
+    sys: Path = Path("/sys")
+    dev: Path = Path("/dev")
+    libvirt: Any = None  # agent.local_libvirt.LocalLibvirt, when there is one
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Collector = Callable[[Context], dict[str, Any]]
+REGISTRY: dict[str, Collector] = {}
+
+
+def register(name: str) -> Callable[[Collector], Collector]:
+    def add(fn: Collector) -> Collector:
+        REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+def run_all(ctx: Context) -> dict[str, dict[str, Any]]:
+    results = {}
+    for name, collect in REGISTRY.items():
+        start = time.monotonic()
+        try:
+            results[name] = {"ok": True, "error": None, "data": collect(ctx)}
+        except Exception as exc:  # one broken source must not break the check-in
+            log.debug("collector %s failed", name, exc_info=True)
+            results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "data": {}}
+        results[name]["seconds"] = round(time.monotonic() - start, 4)
+    return results
+
+
+# Importing registers them.
+from agent.collectors import host, kvm, libvirtd  # noqa: E402,F401

@@ -1,0 +1,102 @@
+"""Agent settings: /etc/virtfleet/agent.toml, overridden by command-line flags.
+
+Unknown keys and bad values are refused with the key named: a typo in a config file
+should stop the agent loudly, not be ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from common import wire
+
+DEFAULT_CONFIG = Path("/etc/virtfleet/agent.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/virtfleet-agent")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class LibvirtConfig:
+    uri: str = "qemu:///system"
+    # The TLS listener the server connects to, and where libvirtd reads its TLS files.
+    configure_tls: bool = True
+    tls_port: int = 16514
+    conf: Path = Path("/etc/libvirt/libvirtd.conf")
+    ca_file: Path = Path("/etc/pki/CA/cacert.pem")
+    cert_file: Path = Path("/etc/pki/libvirt/servercert.pem")
+    key_file: Path = Path("/etc/pki/libvirt/private/serverkey.pem")
+    # Run after the TLS set-up changed, where systemd does not run libvirtd.
+    restart_command: str = ""
+
+
+@dataclass
+class AgentConfig:
+    state_dir: Path = DEFAULT_STATE_DIR
+    role: str = "mixed"
+    hostname: str = field(default_factory=socket.gethostname)
+    join: str = ""  # for unattended installs: enroll with this on first start
+    log_level: str = "INFO"
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    role_from_file: bool = False  # whether `role` came from the config file
+
+    def validate(self) -> None:
+        if self.role not in wire.ROLES:
+            raise ConfigError(f"role {self.role!r} is not one of {', '.join(wire.ROLES)}")
+        if not 0 < self.libvirt.tls_port < 65536:
+            raise ConfigError(f"libvirt.tls_port {self.libvirt.tls_port} is not a port number")
+        if not self.hostname or len(self.hostname) > wire.MAX_TEXT:
+            raise ConfigError("hostname must be 1-256 characters")
+
+
+def load(path: Path | None) -> AgentConfig:
+    """Read the config file (a missing default file is fine: defaults apply)."""
+    config = AgentConfig()
+    if path is None:
+        return config
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        if path == DEFAULT_CONFIG:
+            return config
+        raise ConfigError(f"{path}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    libvirt = data.pop("libvirt", {})
+    _apply(config, data, path, "")
+    if not isinstance(libvirt, dict):
+        raise ConfigError(f"{path}: [libvirt] must be a table")
+    _apply(config.libvirt, libvirt, path, "libvirt.")
+    config.role_from_file = "role" in data
+    config.validate()
+    return config
+
+
+def _apply(target: Any, data: dict[str, Any], path: Path, prefix: str) -> None:
+    known = {f.name: f for f in fields(target) if f.name not in ("libvirt", "role_from_file")}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{path}: unknown setting {prefix}{key!r} "
+                              f"(known: {', '.join(sorted(known))})")
+        current = getattr(target, key)
+        if isinstance(current, Path):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{path}: {prefix}{key} must be a path")
+            value = Path(value)
+        elif type(value) is not type(current):
+            raise ConfigError(f"{path}: {prefix}{key} must be a {type(current).__name__}")
+        setattr(target, key, value)
+
+
+def env_state_dir() -> Path | None:
+    value = os.environ.get("VIRTFLEET_AGENT_STATE_DIR")
+    return Path(value) if value else None

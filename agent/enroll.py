@@ -1,0 +1,107 @@
+"""Joining a server: trust it by the pin, enroll with the token, save the identity.
+
+1. decode the join string (server URL, CA pin, token);
+2. fetch the server's CA without trusting anything, and accept it only if its public
+   key hashes to the pin: a wrong server or a man in the middle stops here;
+3. make the host's keys locally, then enroll over TLS that trusts only that CA;
+4. install libvirtd's TLS files, then save the identity (agent.json last).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+
+import aiohttp
+
+from agent.client import TIMEOUT, ServerError, call, fetch_ca
+from agent.config import AgentConfig
+from agent.libvirt_tls import LibvirtTLS
+from agent.local_libvirt import LocalLibvirt
+from agent.report import build_report
+from agent.state import Enrollment, State
+from common import pki, wire
+from common.logs import event
+
+log = logging.getLogger(__name__)
+
+
+class JoinError(Exception):
+    """Joining failed; the message says why and what to do."""
+
+
+def check_pin(ca_pem: str, expected: str, url: str) -> None:
+    try:
+        actual = wire.ca_pin(pki.load_cert(ca_pem).public_key())
+    except ValueError:
+        raise JoinError(f"{url} sent a CA certificate that cannot be read") from None
+    if actual != expected:
+        raise JoinError(
+            f"the server at {url} presented a CA with pin {actual}, but the join string "
+            f"expects {expected}: refusing to trust it. Either this is not the server that "
+            "made the token, or someone is in between. Nothing was enrolled.")
+
+
+async def join(text: str, config: AgentConfig, state: State, force: bool = False) -> Enrollment:
+    try:
+        join_string = wire.JoinString.decode(text)
+    except wire.WireError as exc:
+        raise JoinError(str(exc)) from None
+    current = state.enrolled()
+    if current and not force:
+        raise JoinError(f"already enrolled as host {current.host_id} with {current.server_url}; "
+                        "use --force to join again with a new identity")
+    try:
+        ca_pem = await fetch_ca(join_string.url)
+    except ServerError as exc:
+        raise JoinError(str(exc)) from None
+    check_pin(ca_pem, join_string.ca_pin, join_string.url)
+
+    state.prepare()
+    key = pki.new_key()
+    libvirt_key = pki.new_key() if config.libvirt.configure_tls else None
+    local = LocalLibvirt(config.libvirt.uri, on_change=lambda: None)
+    try:
+        report = await build_report(config, local)
+    finally:
+        local.close()
+    request = wire.EnrollRequest(
+        token=join_string.token,
+        csr=pki.make_csr(key, config.hostname),
+        libvirt_csr=pki.make_csr(libvirt_key, config.hostname) if libvirt_key else None,
+        report=report,
+    )
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca_pem)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        try:
+            answer = await call(session, join_string.url + wire.ENROLL_PATH,
+                                wire.to_json(request), wire.EnrollResponse, ctx)
+        except ServerError as exc:
+            if exc.status is not None and 400 <= exc.status < 500:
+                raise JoinError(f"the server refused to enroll this host: {exc}") from None
+            raise JoinError(str(exc)) from None
+    if libvirt_key is not None:
+        install_libvirt_tls(config, state, libvirt_key, answer.identity)
+    enrollment = Enrollment(host_id=answer.host_id, server_url=join_string.url,
+                            ca_pin=join_string.ca_pin, role=config.role, enrolled_at=time.time())
+    state.save_enrollment(enrollment, pki.key_pem(key), answer.identity.certificate,
+                          answer.identity.ca_certificate)
+    event(log, "enrolled", "enrolled with %s as host %s (role %s)", join_string.url,
+          answer.host_id, config.role, host_id=answer.host_id)
+    return enrollment
+
+
+def install_libvirt_tls(config: AgentConfig, state: State, key: object,
+                        identity: wire.Identity) -> None:
+    """Install libvirtd's TLS files and make libvirtd use them (enrollment and renewal)."""
+    if not (identity.libvirt_certificate and identity.libvirt_ca_certificate
+            and identity.libvirt_client_dn):
+        log.warning("the server sent no libvirt certificate: libvirtd TLS not set up")
+        return
+    tls = LibvirtTLS(config.libvirt, state.dir)
+    changed = tls.install(pki.key_pem(key), identity.libvirt_certificate,  # type: ignore[arg-type]
+                          identity.libvirt_ca_certificate, identity.libvirt_client_dn)
+    if changed:
+        log.info("libvirtd TLS set up on port %d: %s", config.libvirt.tls_port, tls.apply())
+

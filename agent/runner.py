@@ -1,0 +1,180 @@
+"""The agent's run loop (after Tailscale's controlclient): one runner owns the tasks.
+
+- check-in: collect, call, then wait the interval the server returned, or less when
+  something changed (a coalescing `early` event), or a jittered backoff after a failure;
+- libvirtd watch: while the local libvirtd is down, probe it every second so its return
+  is reported at once, not at the next tick;
+- certificate renewal at a jittered 70-90 % of the identity certificate's lifetime.
+
+`start()` and `shutdown()` are the whole interface; shutdown cancels and awaits all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import random
+import time
+from typing import Any
+
+from agent.client import ServerClient, ServerError
+from agent.config import AgentConfig
+from agent.enroll import install_libvirt_tls
+from agent.libvirt_tls import TLSSetupError
+from agent.local_libvirt import LocalLibvirt
+from agent.report import build_report
+from agent.state import Enrollment, State
+from common import notify, pki, wire
+from common.backoff import Backoff
+from common.logs import event
+
+log = logging.getLogger(__name__)
+
+REFUSED_WAIT = 300.0  # identity refused: retrying is noise, but do notice a re-enable
+LIBVIRTD_PROBE = 1.0
+
+
+def renewal_time(not_before: float, not_after: float, jitter: float) -> float:
+    """When to renew: at 70-90 % of the lifetime (jitter in [0, 1]), as client-go does."""
+    return not_before + (not_after - not_before) * (0.7 + 0.2 * jitter)
+
+
+class Runner:
+    def __init__(self, config: AgentConfig, state: State, enrollment: Enrollment) -> None:
+        self.config = config
+        self.state = state
+        self.enrollment = enrollment
+        self.client = ServerClient(enrollment.server_url, state.client_context())
+        self.early = asyncio.Event()
+        self.local = LocalLibvirt(config.libvirt.uri, on_change=self._libvirt_changed)
+        self.backoff = Backoff(base=1.0, cap=60.0)
+        self._jitter = random.random()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.last: dict[str, Any] = state.load_status()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._tasks = [asyncio.create_task(self._checkin_loop(), name="checkin"),
+                       asyncio.create_task(self._libvirtd_watch(), name="libvirtd-watch")]
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.close()
+        await asyncio.to_thread(self.local.close)
+
+    async def wait(self) -> None:
+        """Until a task dies (a bug): its exception propagates."""
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+
+    def _libvirt_changed(self) -> None:
+        """From libvirt's event thread: ask for an early check-in."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.early.set)
+
+    # -- check-in -------------------------------------------------------------
+
+    async def _checkin_loop(self) -> None:
+        while True:
+            self.early.clear()
+            delay = await self.checkin_once()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.early.wait(), delay)
+
+    async def checkin_once(self) -> float:
+        """One check-in; returns how long to wait before the next."""
+        report = await build_report(self.config, self.local)
+        try:
+            answer = await self.client.checkin(report)
+        except ServerError as exc:
+            return self._failed(exc)
+        self.backoff.reset()
+        self._record(report, ok=True, status=answer.status, detail=answer.detail)
+        notify.watchdog()
+        notify.status(f"{answer.status} as {report.hostname} ({answer.host_id}), "
+                      f"last check-in {time.strftime('%H:%M:%S')}")
+        if answer.renew or time.time() >= self._renew_at():
+            await self.renew()
+        return answer.checkin_interval
+
+    def _failed(self, exc: ServerError) -> float:
+        if exc.identity_refused:
+            event(log, "checkin_refused", "the server refuses this host's identity: %s", exc,
+                  level=logging.ERROR, host_id=self.enrollment.host_id, reason=str(exc))
+            self._record(None, ok=False, error=f"{exc} (re-join with a new token: "
+                                                 "virtfleet-agent join --force '<JOIN>')")
+            notify.watchdog()  # the loop is healthy; the server said no
+            notify.status(f"refused by the server: {exc}")
+            return REFUSED_WAIT
+        delay = self.backoff.next_delay()
+        log.warning("check-in failed (%s); retrying in %.1f s", exc, delay)
+        self._record(None, ok=False, error=str(exc))
+        notify.status(f"cannot check in: {exc}; retrying in {delay:.0f} s")
+        if exc.status is not None:
+            notify.watchdog()  # the server answered: our side is working
+        return delay
+
+    def _record(self, report: wire.Report | None, ok: bool, **fields: Any) -> None:
+        now = time.time()
+        self.last = self.last | {"at": now, "ok": ok, **fields}
+        if ok:
+            self.last["last_success"] = now
+            self.last.pop("error", None)
+        if report is not None:
+            self.last["libvirtd"] = wire.to_json(report.libvirtd)
+        try:
+            self.state.save_status(self.last)
+        except OSError as exc:
+            log.warning("cannot save status: %s", exc)
+
+    # -- libvirtd watch -------------------------------------------------------------
+
+    async def _libvirtd_watch(self) -> None:
+        was_up: bool | None = None
+        while True:
+            up = (await asyncio.to_thread(self.local.connection)) is not None
+            if up != was_up and was_up is not None:
+                name = "libvirtd_up" if up else "libvirtd_down"
+                event(log, name, "local libvirtd is %s%s", "up" if up else "down",
+                      "" if up else f": {self.local.error}", level=logging.INFO if up else logging.WARNING,
+                      host_id=self.enrollment.host_id, reason=self.local.error)
+                self.early.set()
+            was_up = up
+            await asyncio.sleep(LIBVIRTD_PROBE if not up else 5 * LIBVIRTD_PROBE)
+
+    # -- renewal -----------------------------------------------------------------
+
+    def _renew_at(self) -> float:
+        cert = self.state.identity_cert()
+        return renewal_time(pki.not_before(cert).timestamp(), pki.not_after(cert).timestamp(),
+                            self._jitter)
+
+    async def renew(self) -> None:
+        key = pki.new_key()
+        libvirt_key = pki.new_key() if self.config.libvirt.configure_tls else None
+        try:
+            identity = await self.client.renew(
+                pki.make_csr(key, self.config.hostname),
+                pki.make_csr(libvirt_key, self.config.hostname) if libvirt_key else None)
+        except ServerError as exc:
+            log.warning("certificate renewal failed: %s (will retry)", exc)
+            return
+        self.state.save_identity(pki.key_pem(key), identity.certificate)
+        await self.client.use_context(self.state.client_context())
+        if libvirt_key is not None:
+            try:
+                await asyncio.to_thread(install_libvirt_tls, self.config, self.state,
+                                        libvirt_key, identity)
+            except TLSSetupError as exc:
+                log.error("libvirtd TLS renewal not installed: %s", exc)
+        expires = pki.not_after(pki.load_cert(identity.certificate))
+        event(log, "certificate_renewed", "certificates renewed; identity valid until %s",
+              expires.astimezone(dt.timezone.utc).isoformat(timespec="seconds"),
+              host_id=self.enrollment.host_id)
+        self._jitter = random.random()

@@ -1,0 +1,79 @@
+"""What the agent keeps on disk, in its state directory (0700):
+
+    identity.pem    the host's private key and its certificate, in one file (0600) so a
+                    renewal replaces both at once; the key is made here and never sent
+    ca.crt          the server's identity CA (trusted because it matched the join pin)
+    agent.json      host id, server URL, CA pin, role, enrollment time
+    status.json     the last check-in and its result, for `virtfleet-agent status`
+
+Every file is written atomically: a crash leaves the old identity or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from common import pki
+from common.files import write_atomic
+
+
+@dataclass
+class Enrollment:
+    host_id: str
+    server_url: str
+    ca_pin: str
+    role: str
+    enrolled_at: float
+
+
+class State:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.identity = directory / "identity.pem"
+        self.ca = directory / "ca.crt"
+        self._agent = directory / "agent.json"
+        self._status = directory / "status.json"
+
+    def prepare(self) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.dir.chmod(0o700)
+
+    def enrolled(self) -> Enrollment | None:
+        if not (self._agent.exists() and self.identity.exists()):
+            return None
+        return Enrollment(**json.loads(self._agent.read_text()))
+
+    def save_enrollment(self, enrollment: Enrollment, key_pem: bytes, cert_pem: str,
+                        ca_pem: str) -> None:
+        """Identity and CA first, agent.json last: it is what marks the host enrolled."""
+        self.save_identity(key_pem, cert_pem)
+        write_atomic(self.ca, ca_pem)
+        write_atomic(self._agent, json.dumps(asdict(enrollment), indent=2) + "\n")
+
+    def save_identity(self, key_pem: bytes, cert_pem: str) -> None:
+        write_atomic(self.identity, key_pem + cert_pem.encode(), mode=0o600)
+
+    def identity_cert(self) -> x509.Certificate:
+        return pki.load_cert(self.identity.read_bytes())
+
+    def save_status(self, status: dict[str, Any]) -> None:
+        write_atomic(self._status, json.dumps(status, indent=2) + "\n")
+
+    def load_status(self) -> dict[str, Any]:
+        try:
+            return json.loads(self._status.read_text())  # type: ignore[no-any-return]
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def client_context(self) -> ssl.SSLContext:
+        """TLS to the server: trust only its CA, present the host's certificate."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.identity)
+        return ctx

@@ -1,0 +1,289 @@
+"""The wire contract between agent and server, written once and imported by both.
+
+Everything that crosses the network is defined here: the join string, the HTTP paths,
+the request and response messages and their validation, the roles, and the CA pin.
+A message is a dataclass; `parse(cls, obj)` turns untrusted JSON into one or raises
+`WireError` naming the field that is wrong, so both sides refuse bad input in the
+same words.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PUBLIC_KEY_TYPES
+
+PROTOCOL_VERSION = 1
+
+CA_PATH = "/v1/ca"
+ENROLL_PATH = "/v1/enroll"
+CHECKIN_PATH = "/v1/checkin"
+RENEW_PATH = "/v1/renew"
+
+# A check-in with host facts is a few KiB; nothing legitimate comes near this.
+MAX_BODY_BYTES = 256 * 1024
+MAX_TEXT = 256  # default bound for a short string field
+MAX_PEM = 16 * 1024
+
+ROLES = ("hypervisor", "disk_operations", "mixed")
+ROLE_CAPABILITIES: dict[str, frozenset[str]] = {
+    "hypervisor": frozenset({"hypervisor"}),
+    "disk_operations": frozenset({"disk_operations"}),
+    "mixed": frozenset({"hypervisor", "disk_operations"}),
+}
+
+
+def role_within(role: str, limit: str) -> bool:
+    """True when `role` asks for no capability beyond what `limit` grants."""
+    return ROLE_CAPABILITIES[role] <= ROLE_CAPABILITIES[limit]
+
+
+class WireError(ValueError):
+    """Input that does not follow the contract; the message names what is wrong."""
+
+
+# ---------------------------------------------------------------------------
+# CA pin and join string
+
+
+def ca_pin(public_key: PUBLIC_KEY_TYPES) -> str:
+    """SHA-256 of the CA's SubjectPublicKeyInfo, as kubeadm's discovery hash."""
+    spki = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+_REQUIRED: Any = dataclasses.MISSING
+
+
+def _text(max_len: int = MAX_TEXT, *, choices: tuple[str, ...] = (), default: Any = _REQUIRED) -> Any:
+    """A string field with its bounds; required unless a default is given."""
+    return field(default=default, metadata={"max_len": max_len, "choices": choices})
+
+
+JOIN_PREFIX = "vfjoin1."
+
+
+@dataclass(frozen=True)
+class JoinString:
+    """What an operator pastes on a host: where the server is, how to trust it, the token."""
+
+    url: str = _text(1024)
+    ca_pin: str = _text(71)
+    token: str = _text(4096)
+
+    def encode(self) -> str:
+        body = json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
+        return JOIN_PREFIX + base64.urlsafe_b64encode(body).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> JoinString:
+        text = text.strip()
+        if not text.startswith(JOIN_PREFIX):
+            raise WireError(
+                f"not a virtfleet join string: it must start with {JOIN_PREFIX!r} "
+                "(copy the whole line printed by `virtfleet-server token create`)"
+            )
+        payload = text[len(JOIN_PREFIX) :]
+        try:
+            raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+            obj = json.loads(raw)
+        except (binascii.Error, ValueError) as exc:
+            raise WireError(f"join string is damaged (was it cut short?): {exc}") from None
+        join = parse(cls, obj)
+        _check_url(join.url)
+        if not join.ca_pin.startswith("sha256:") or len(join.ca_pin) != 71:
+            raise WireError("join string: ca_pin must be 'sha256:' followed by 64 hex digits")
+        return join
+
+
+def _check_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise WireError(f"join string: server url {url!r} must be https://HOST[:PORT]")
+
+
+# ---------------------------------------------------------------------------
+# Messages
+
+
+@dataclass(kw_only=True)
+class LibvirtdHealth:
+    """Whether libvirtd on the host answers, with libvirt's own error when it does not."""
+
+    ok: bool
+    error: str | None = _text(2048, default=None)
+    uri: str | None = _text(default=None)
+
+
+@dataclass(kw_only=True)
+class LibvirtEndpoint:
+    """Where the server reaches the host's libvirtd over TLS."""
+
+    host: str = _text()
+    port: int = 16514
+
+
+@dataclass(kw_only=True)
+class Report:
+    """What the agent says about its host, at enrollment and on every check-in."""
+
+    hostname: str = _text()
+    role: str = _text(choices=ROLES)
+    agent_version: str = _text(64)
+    libvirtd: LibvirtdHealth
+    facts: dict[str, Any] = field(default_factory=dict)
+    libvirt_endpoint: LibvirtEndpoint | None = None
+
+
+@dataclass(kw_only=True)
+class EnrollRequest:
+    token: str = _text(4096)
+    csr: str = _text(MAX_PEM)
+    libvirt_csr: str | None = _text(MAX_PEM, default=None)
+    report: Report
+    protocol: int = PROTOCOL_VERSION
+
+
+@dataclass(kw_only=True)
+class Identity:
+    """Certificates the server issued to a host."""
+
+    certificate: str = _text(MAX_PEM)
+    ca_certificate: str = _text(MAX_PEM)
+    libvirt_certificate: str | None = _text(MAX_PEM, default=None)
+    libvirt_ca_certificate: str | None = _text(MAX_PEM, default=None)
+    libvirt_client_dn: str | None = _text(1024, default=None)
+
+
+@dataclass(kw_only=True)
+class EnrollResponse:
+    host_id: str = _text(64)
+    identity: Identity
+    checkin_interval: float = 10.0
+
+
+@dataclass(kw_only=True)
+class CheckinRequest:
+    report: Report
+    protocol: int = PROTOCOL_VERSION
+
+
+@dataclass(kw_only=True)
+class CheckinResponse:
+    host_id: str = _text(64)
+    status: str = _text(32)
+    detail: str = _text(2048)
+    enabled: bool = False
+    role: str = _text(choices=ROLES)
+    checkin_interval: float = 10.0
+    renew: bool = False
+
+
+@dataclass(kw_only=True)
+class RenewRequest:
+    csr: str = _text(MAX_PEM)
+    libvirt_csr: str | None = _text(MAX_PEM, default=None)
+
+
+@dataclass(kw_only=True)
+class ErrorBody:
+    error: str = _text(64)
+    message: str = _text(4096)
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+T = TypeVar("T")
+
+
+def parse(cls: type[T], obj: Any, where: str = "") -> T:
+    """Build message `cls` from decoded JSON, checking every field's type and bounds."""
+    if not isinstance(obj, dict):
+        raise WireError(f"{where or 'body'}: expected a JSON object, got {_kind(obj)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(obj) - set(fields))
+    if unknown:
+        raise WireError(f"{where or 'body'}: unknown field(s) {', '.join(map(repr, unknown))}")
+    values = {}
+    for name, f in fields.items():
+        path = f"{where}.{name}" if where else name
+        if name not in obj:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise WireError(f"{path}: required field is missing")
+            continue
+        values[name] = _value(hints[name], obj[name], path, f.metadata)
+    return cls(**values)
+
+
+def _value(hint: Any, value: Any, path: str, meta: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _value(options[0], value, path, meta)
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, value, path)  # type: ignore[arg-type]
+    if hint is str:
+        if not isinstance(value, str):
+            raise WireError(f"{path}: expected a string, got {_kind(value)}")
+        max_len = meta.get("max_len", MAX_TEXT)
+        if len(value) > max_len:
+            raise WireError(f"{path}: longer than {max_len} characters")
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise WireError(f"{path}: {value[:40]!r} is not one of {', '.join(choices)}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise WireError(f"{path}: expected true or false, got {_kind(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+            raise WireError(f"{path}: expected a whole number from 0 to 2^31, got {_kind(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise WireError(f"{path}: expected a number, got {_kind(value)}")
+        return float(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise WireError(f"{path}: expected a JSON object, got {_kind(value)}")
+        return value
+    raise TypeError(f"wire: no rule for {hint!r} at {path}")  # a bug in this module
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def to_json(message: Any) -> dict[str, Any]:
+    return dataclasses.asdict(message)
+
+
+def decode_body(cls: type[T], raw: bytes) -> T:
+    """Parse an HTTP body: size, JSON, then schema."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise WireError(f"body is {len(raw)} bytes, the limit is {MAX_BODY_BYTES}")
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WireError(f"body is not valid JSON: {exc}") from None
+    return parse(cls, obj)

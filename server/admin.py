@@ -1,0 +1,195 @@
+"""The operator's API: a JSON API on a unix socket only root (the server's user) can open.
+
+No TCP port, no agent certificate and no anonymous client reaches it: the socket is
+created mode 0600 inside the 0700 state directory. `virtfleet-server token ...` and
+`virtfleet-server hosts ...` are its client.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from common import wire
+from server.fleet import Fleet, Refused
+from server.http import FLEET, errors_middleware, fleet_of
+from server.store import Host, Token
+
+MAX_TTL = 7 * 24 * 3600
+MAX_USES = 100_000
+
+
+def create_admin_app(fleet: Fleet) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024)
+    app[FLEET] = fleet
+    app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/tokens", list_tokens)
+    app.router.add_post("/v1/tokens", create_token)
+    app.router.add_post("/v1/tokens/{jti}/revoke", revoke_token)
+    app.router.add_get("/v1/hosts", list_hosts)
+    app.router.add_get("/v1/hosts/{ref}", show_host)
+    app.router.add_post("/v1/hosts/{ref}/{action:enable|disable|forget|set-role}", host_action)
+    return app
+
+
+async def start_socket(runner: web.AppRunner, path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    old = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+    try:
+        await web.UnixSite(runner, str(path)).start()
+    finally:
+        os.umask(old)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise Refused(400, "bad_request", "body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise Refused(400, "bad_request", "body must be a JSON object")
+    return body
+
+
+def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = body.get(name, default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise Refused(400, "bad_request", f"{name}: expected {kind.__name__}")
+    return value
+
+
+async def get_status(request: web.Request) -> web.Response:
+    fleet = fleet_of(request)
+    hosts = fleet.store.list_hosts()
+    counts: dict[str, int] = {}
+    for host in hosts:
+        counts[host.status] = counts.get(host.status, 0) + 1
+    return web.json_response({
+        "url": fleet.config.url,
+        "ca_pin": fleet.identity_ca.pin,
+        "hosts": len(hosts),
+        "by_status": counts,
+        "checkin_interval": fleet.config.checkin_interval,
+        "grace": fleet.config.grace,
+    })
+
+
+async def create_token(request: web.Request) -> web.Response:
+    body = await _body(request)
+    role = _field(body, "role", str, "mixed")
+    if role not in wire.ROLES:
+        raise Refused(400, "bad_request", f"role {role!r} is not one of {', '.join(wire.ROLES)}")
+    ttl = _field(body, "ttl", float, 3600.0)
+    if not 1 <= ttl <= MAX_TTL:
+        raise Refused(400, "bad_request", f"ttl must be between 1 s and {MAX_TTL} s (7 days)")
+    uses = _field(body, "uses", int, 1)
+    if not 1 <= uses <= MAX_USES:
+        raise Refused(400, "bad_request", f"uses must be between 1 and {MAX_USES}")
+    auto_enable = _field(body, "auto_enable", bool, True)
+    description = _field(body, "description", str, "")[:200]
+    created = fleet_of(request).create_token(role, ttl, uses, auto_enable, description)
+    return web.json_response({
+        "join": created.join,
+        "command": f"virtfleet-agent join '{created.join}'",
+        "token": token_view(created.record),
+    })
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    return web.json_response([token_view(t) for t in fleet_of(request).store.list_tokens()])
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    token = fleet_of(request).store.revoke_token(request.match_info["jti"], time.time())
+    if token is None:
+        raise Refused(404, "not_found", f"no token {request.match_info['jti']!r}")
+    return web.json_response(token_view(token))
+
+
+def token_view(token: Token) -> dict[str, Any]:
+    return {
+        "id": token.jti, "role": token.role, "auto_enable": token.auto_enable,
+        "uses": token.uses, "max_uses": token.max_uses, "created_at": token.created_at,
+        "expires_at": token.expires_at, "revoked_at": token.revoked_at,
+        "state": token.state(time.time()), "description": token.description,
+    }
+
+
+def resolve_host(fleet: Fleet, ref: str) -> Host:
+    """A host by id, unique id prefix (4+ characters) or unique hostname."""
+    host = fleet.store.get_host(ref)
+    if host is not None:
+        return host
+    hosts = fleet.store.list_hosts()
+    matches = [h for h in hosts if h.hostname == ref]
+    if not matches and len(ref) >= 4:
+        matches = [h for h in hosts if h.id.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise Refused(404, "not_found", f"no host {ref!r} (see `virtfleet-server hosts list`)")
+    ids = ", ".join(h.id for h in matches)
+    raise Refused(409, "ambiguous", f"{ref!r} matches several hosts ({ids}): use the id")
+
+
+async def list_hosts(request: web.Request) -> web.Response:
+    return web.json_response([host_summary(h) for h in fleet_of(request).store.list_hosts()])
+
+
+async def show_host(request: web.Request) -> web.Response:
+    fleet = fleet_of(request)
+    host = resolve_host(fleet, request.match_info["ref"])
+    return web.json_response(host_detail(fleet, host))
+
+
+async def host_action(request: web.Request) -> web.Response:
+    fleet = fleet_of(request)
+    host = resolve_host(fleet, request.match_info["ref"])
+    action = request.match_info["action"]
+    if action == "forget":
+        fleet.forget(host)
+        return web.json_response({"id": host.id, "forgotten": True})
+    if action == "set-role":
+        body = await _body(request)
+        fleet.set_role(host, _field(body, "role", str, ""))
+    else:
+        fleet.set_admin_state(host, "enabled" if action == "enable" else "disabled")
+    fresh = fleet.store.get_host(host.id)
+    assert fresh is not None
+    return web.json_response(host_detail(fleet, fresh))
+
+
+def host_summary(host: Host) -> dict[str, Any]:
+    return {
+        "id": host.id, "hostname": host.hostname, "role": host.role, "status": host.status,
+        "detail": host.detail, "last_checkin": host.last_checkin, "address": host.address,
+    }
+
+
+def host_detail(fleet: Fleet, host: Host) -> dict[str, Any]:
+    return host_summary(host) | {
+        "admin_state": host.admin_state,
+        "role_source": host.role_source,
+        "configured_role": host.configured_role,
+        "role_override": host.role_override,
+        "role_limit": host.role_limit,
+        "capabilities": sorted(wire.ROLE_CAPABILITIES[host.role]),
+        "status_since": host.status_since,
+        "enrolled_at": host.enrolled_at,
+        "agent_version": host.agent_version,
+        "certificate_expires": host.cert_not_after,
+        "libvirt_certificate_expires": host.libvirt_cert_not_after,
+        "report": host.report,
+        "connection": fleet.connections.describe(host.id),
+        "history": [
+            {"at": e.at, "status": e.status, "detail": e.detail}
+            for e in fleet.store.history(host.id)
+        ],
+    }

@@ -1,0 +1,172 @@
+"""The agent-facing HTTPS API (aiohttp) and the server's run loop.
+
+Routes: GET /v1/ca (public), POST /v1/enroll (join token), POST /v1/checkin and
+POST /v1/renew (mTLS: the host is whoever its client certificate says). Every refusal
+is JSON `{"error": code, "message": reason}` with a 4xx; an unexpected failure is a 500
+with no detail, its traceback in the server log only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from common import notify, wire
+from server import admin
+from server.config import ServerConfig
+from server.fleet import Fleet, Refused, serial_of
+from server.http import FLEET, errors_middleware, fleet_of
+from server.tls import ensure_server_cert, server_context, server_names
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+async def read_message(request: web.Request, cls: type[T]) -> T:
+    return wire.decode_body(cls, await request.read())
+
+
+def peer_address(request: web.Request) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return str(peer[0]) if peer else ""
+
+
+def peer_serial(request: web.Request) -> str | None:
+    cert = request.transport.get_extra_info("peercert") if request.transport else None
+    return serial_of(cert)
+
+
+def json_message(message: Any) -> web.Response:
+    return web.json_response(wire.to_json(message), dumps=_compact)
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+class RateLimiter:
+    """A token bucket per source address: `rate` per second, bursts of twice that."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.burst = rate, max(1.0, 2 * rate)
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, last = self.buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if len(self.buckets) > 100_000:  # bounded memory under a spray of addresses
+            self.buckets.clear()
+        if tokens < 1:
+            self.buckets[key] = (tokens, now)
+            return False
+        self.buckets[key] = (tokens - 1, now)
+        return True
+
+
+async def get_ca(request: web.Request) -> web.Response:
+    return web.json_response({"ca_certificate": fleet_of(request).identity_ca.cert_pem})
+
+
+async def post_enroll(request: web.Request) -> web.Response:
+    address = peer_address(request)
+    if not request.app[RATE].allow(address):
+        raise Refused(429, "rate_limited",
+                      "too many enrollments from this address; retry in a few seconds")
+    req = await read_message(request, wire.EnrollRequest)
+    if req.protocol != wire.PROTOCOL_VERSION:
+        raise Refused(400, "protocol", f"protocol {req.protocol} is not supported "
+                                       f"(this server speaks {wire.PROTOCOL_VERSION})")
+    return json_message(fleet_of(request).enroll(req, address))
+
+
+async def post_checkin(request: web.Request) -> web.Response:
+    fleet = fleet_of(request)
+    host = fleet.host_for_certificate(peer_serial(request))
+    req = await read_message(request, wire.CheckinRequest)
+    return json_message(fleet.checkin(host, req, peer_address(request)))
+
+
+async def post_renew(request: web.Request) -> web.Response:
+    fleet = fleet_of(request)
+    host = fleet.host_for_certificate(peer_serial(request))
+    req = await read_message(request, wire.RenewRequest)
+    return json_message(fleet.renew(host, req, peer_address(request)))
+
+
+RATE = "virtfleet.enroll_rate"
+
+
+def create_app(fleet: Fleet) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=wire.MAX_BODY_BYTES)
+    app[FLEET] = fleet
+    app[RATE] = RateLimiter(fleet.config.enroll_rate)
+    app.router.add_get(wire.CA_PATH, get_ca)
+    app.router.add_post(wire.ENROLL_PATH, post_enroll)
+    app.router.add_post(wire.CHECKIN_PATH, post_checkin)
+    app.router.add_post(wire.RENEW_PATH, post_renew)
+    app.cleanup_ctx.append(_background)
+    return app
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    """The offline sweeper and the connection manager live exactly as long as the app."""
+    fleet: Fleet = app[FLEET]
+    await fleet.connections.start()
+    sweeper = asyncio.create_task(_sweep_forever(fleet), name="offline-sweeper")
+    yield
+    sweeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sweeper
+    await fleet.connections.stop()
+
+
+async def _sweep_forever(fleet: Fleet) -> None:
+    interval = min(1.0, fleet.config.grace / 4)
+    while True:
+        try:
+            fleet.status.sweep()
+            notify.watchdog()
+        except sqlite3.Error as exc:
+            log.error("offline sweep failed: %s", exc)
+        await asyncio.sleep(interval)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Start, serve until SIGTERM or SIGINT, then shut down cleanly."""
+    fleet = Fleet(config)
+    key, cert = ensure_server_cert(fleet.identity_ca, config.state_dir / "tls",
+                                   server_names(config.url, config.listen_host))
+    agent_runner = web.AppRunner(create_app(fleet), access_log=None)
+    admin_runner = web.AppRunner(admin.create_admin_app(fleet), access_log=None)
+    await agent_runner.setup()
+    await admin_runner.setup()
+    try:
+        await web.TCPSite(agent_runner, config.listen_host, config.listen_port,
+                          ssl_context=server_context(key, cert, fleet.identity_ca),
+                          backlog=1024).start()
+        await admin.start_socket(admin_runner, config.admin_socket)
+        log.info("virtfleet-server listening on %s:%d (join URL %s), admin socket %s",
+                 config.listen_host, config.listen_port, config.url, config.admin_socket)
+        notify.ready(f"serving {config.url}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        notify.stopping()
+    finally:
+        await admin_runner.cleanup()
+        await agent_runner.cleanup()
+        fleet.close()

@@ -1,0 +1,290 @@
+"""`virtfleet-server`: run the server, and the operator's commands for tokens and hosts.
+
+The admin commands talk to the running server over its unix socket
+(`STATE_DIR/admin.sock`, mode 0600), found through `--state-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import logs
+from common.cli import ago, duration, fail, print_json, table, when
+from server.config import DEFAULT_PORT, DEFAULT_STATE_DIR, ServerConfig
+
+EPILOG = """\
+examples:
+  virtfleet-server serve --listen 0.0.0.0:8443 --advertise-url https://vdi.example.org:8443
+  virtfleet-server token create --role hypervisor --ttl 1h --uses 1
+  virtfleet-server hosts list
+  virtfleet-server hosts show hv-03
+"""
+
+
+class AdminError(Exception):
+    pass
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=30)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(str(self.path))
+
+
+def admin_call(state_dir: Path, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    sock = state_dir / "admin.sock"
+    conn = _UnixConnection(sock)
+    try:
+        conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = json.loads(resp.read() or b"null")
+    except FileNotFoundError:
+        raise AdminError(f"no server socket at {sock}: is virtfleet-server running with "
+                         f"--state-dir {state_dir}? (systemctl status virtfleet-server)") from None
+    except PermissionError:
+        raise AdminError(f"permission denied on {sock}: admin commands must run as the "
+                         "server's user (root)") from None
+    except ConnectionRefusedError:
+        raise AdminError(f"the server is not answering on {sock} (stopped?)") from None
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise AdminError(f"talking to the server at {sock} failed: {exc}") from None
+    finally:
+        conn.close()
+    if resp.status >= 400:
+        message = data.get("message") if isinstance(data, dict) else None
+        raise AdminError(message or f"server answered HTTP {resp.status}")
+    return data
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(DEFAULT_PORT)
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number") from None
+    if not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be 1-65535")
+    return host.strip("[]") or "0.0.0.0", number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="virtfleet-server", description="Central server for virtfleet: enrolls KVM hosts "
+        "with join tokens and keeps a libvirt connection to each.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state-dir", type=Path,
+                   default=Path(os.environ.get("VIRTFLEET_SERVER_STATE_DIR", DEFAULT_STATE_DIR)),
+                   help="state directory: CAs, keys, database, admin socket (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the server")
+    s.add_argument("--listen", type=parse_listen, default=("0.0.0.0", DEFAULT_PORT),
+                   metavar="HOST:PORT", help=f"HTTPS address for agents (default 0.0.0.0:{DEFAULT_PORT})")
+    s.add_argument("--advertise-url", default="", metavar="URL",
+                   help="https URL agents use to reach this server, put in join strings "
+                        "(default: from --listen and this machine's name)")
+    s.add_argument("--checkin-interval", type=duration, default=10.0, metavar="DURATION",
+                   help="how often agents check in (default 10s)")
+    s.add_argument("--grace", type=duration, default=30.0, metavar="DURATION",
+                   help="a host with no check-in for this long is offline (default 30s)")
+    s.add_argument("--cert-lifetime", type=duration, default=30 * 86400.0, metavar="DURATION",
+                   help="lifetime of host certificates; agents renew them at 70-90%% (default 30d)")
+    s.add_argument("--enroll-rate", type=float, default=20.0, metavar="PER_SECOND",
+                   help="enrollments allowed per second from one address (default 20)")
+    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    t = sub.add_parser("token", help="join tokens: create, list, revoke")
+    tsub = t.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    tc = tsub.add_parser("create", help="create a join token and print the command for the host")
+    tc.add_argument("--role", default="mixed", choices=["hypervisor", "disk_operations", "mixed"],
+                    help="widest role a host may take with it (default mixed: any role)")
+    tc.add_argument("--ttl", type=duration, default=3600.0, metavar="DURATION",
+                    help="valid for this long (default 1h, at most 7d)")
+    tc.add_argument("--uses", type=int, default=1, help="how many hosts may join with it (default 1)")
+    tc.add_argument("--no-auto-enable", dest="auto_enable", action="store_false",
+                    help="hosts joining with it wait as pending until `hosts enable`")
+    tc.add_argument("--description", default="", help="a note for `token list`")
+    tsub.add_parser("list", help="list tokens and their state")
+    tr = tsub.add_parser("revoke", help="revoke a token: no more hosts join with it")
+    tr.add_argument("id")
+
+    h = sub.add_parser("hosts", help="hosts: list, show, enable, disable, forget, set-role")
+    hsub = h.add_subparsers(dest="hosts_command", required=True, metavar="ACTION")
+    hsub.add_parser("list", help="every host with its status and last check-in")
+    for name, text in [("show", "everything known about a host, with its status history"),
+                       ("enable", "enable a host (approve a pending one): open its connection"),
+                       ("disable", "disable a host: close its connection"),
+                       ("forget", "remove a host; its certificate is refused from now on")]:
+        hp = hsub.add_parser(name, help=text)
+        hp.add_argument("id", help="host id, unique id prefix or hostname")
+    sr = hsub.add_parser("set-role", help="override the role a host configured")
+    sr.add_argument("id", help="host id, unique id prefix or hostname")
+    sr.add_argument("role", choices=["hypervisor", "disk_operations", "mixed"])
+    sub.add_parser("status", help="the server's URL, CA pin and host counts")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    try:
+        return run_admin(args)
+    except AdminError as exc:
+        return fail(str(exc))
+
+
+def serve(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from server.app import serve as run_server
+
+    logs.setup("virtfleet-server", args.log_level)
+    lifetime = dt.timedelta(seconds=args.cert_lifetime)
+    config = ServerConfig(
+        state_dir=args.state_dir, listen_host=args.listen[0], listen_port=args.listen[1],
+        advertise_url=args.advertise_url, checkin_interval=args.checkin_interval,
+        grace=args.grace, identity_cert_lifetime=lifetime, libvirt_cert_lifetime=lifetime,
+        enroll_rate=args.enroll_rate)
+    try:
+        asyncio.run(run_server(config))
+    except OSError as exc:
+        return fail(f"cannot start: {exc}")
+    return 0
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    state = args.state_dir
+    if args.command == "status":
+        data = admin_call(state, "GET", "/v1/status")
+        if args.json:
+            print_json(data)
+        else:
+            counts = ", ".join(f"{n} {s}" for s, n in sorted(data["by_status"].items())) or "none"
+            print(f"url:      {data['url']}\nca pin:   {data['ca_pin']}")
+            print(f"hosts:    {data['hosts']} ({counts})")
+        return 0
+    if args.command == "token":
+        return token_command(args, state)
+    return hosts_command(args, state)
+
+
+def token_command(args: argparse.Namespace, state: Path) -> int:
+    if args.token_command == "create":
+        data = admin_call(state, "POST", "/v1/tokens", {
+            "role": args.role, "ttl": args.ttl, "uses": args.uses,
+            "auto_enable": args.auto_enable, "description": args.description})
+        if args.json:
+            print_json(data)
+            return 0
+        tok = data["token"]
+        print(data["join"])
+        print(f"\n# token {tok['id']}: role {tok['role']}, {tok['max_uses']} use(s), "
+              f"expires {when(tok['expires_at'])}"
+              + ("" if tok["auto_enable"] else ", hosts wait for `hosts enable`"),
+              file=sys.stderr)
+        print(f"# on the host, as root:\n{data['command']}", file=sys.stderr)
+        return 0
+    if args.token_command == "list":
+        tokens = admin_call(state, "GET", "/v1/tokens")
+        if args.json:
+            print_json(tokens)
+            return 0
+        print(table(["id", "role", "uses", "state", "expires", "description"], [
+            (t["id"], t["role"], f"{t['uses']}/{t['max_uses']}", t["state"], when(t["expires_at"]),
+             t["description"]) for t in tokens]))
+        return 0
+    tok = admin_call(state, "POST", f"/v1/tokens/{args.id}/revoke")
+    print_json(tok) if args.json else print(f"token {tok['id']} revoked")
+    return 0
+
+
+def hosts_command(args: argparse.Namespace, state: Path) -> int:
+    action = args.hosts_command
+    if action == "list":
+        hosts = admin_call(state, "GET", "/v1/hosts")
+        if args.json:
+            print_json(hosts)
+            return 0
+        print(table(["id", "hostname", "role", "status", "last check-in", "detail"], [
+            (h["id"], h["hostname"], h["role"], h["status"], ago(h["last_checkin"]),
+             _short(h["detail"])) for h in hosts]))
+        return 0
+    if action == "show":
+        data = admin_call(state, "GET", f"/v1/hosts/{args.id}")
+    elif action == "set-role":
+        data = admin_call(state, "POST", f"/v1/hosts/{args.id}/set-role", {"role": args.role})
+    else:
+        data = admin_call(state, "POST", f"/v1/hosts/{args.id}/{action}")
+        if action == "forget":
+            print_json(data) if args.json else print(f"host {data['id']} forgotten")
+            return 0
+    print_json(data) if args.json else print(render_host(data))
+    return 0
+
+
+def _short(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_host(h: dict[str, Any]) -> str:
+    report = h.get("report") or {}
+    facts = report.get("facts") or {}
+    conn = h.get("connection") or {}
+    lines = [
+        f"host {h['id']}  ({h['hostname']})",
+        f"  status:        {h['status']} since {when(h['status_since'])}",
+        f"  detail:        {h['detail']}",
+        f"  admin:         {h['admin_state']}",
+        f"  role:          {h['role']} ({h['role_source']}; configured {h['configured_role']}, "
+        f"token allows {h['role_limit']})",
+        f"  capabilities:  {', '.join(h['capabilities'])}",
+        f"  address:       {h['address']}",
+        f"  last check-in: {when(h['last_checkin'])} ({ago(h['last_checkin'])})",
+        f"  enrolled:      {when(h['enrolled_at'])}",
+        f"  agent:         {h['agent_version']}",
+        f"  certificate:   expires {when(h['certificate_expires'])}",
+        f"  libvirtd:      {'answers' if (report.get('libvirtd') or {}).get('ok') else 'DOWN'}"
+        + (f" ({report['libvirtd'].get('error')})" if not (report.get('libvirtd') or {}).get('ok') else ""),
+        "  connection:    " + conn.get("state", "closed")
+        + (f" to {conn['uri'].split('?')[0]}" if conn.get("uri") else "")
+        + (f", libvirt {conn['remote_libvirt_version']}" if conn.get("remote_libvirt_version") else "")
+        + (f", since {when(conn['connected_since'])}" if conn.get("connected_since") else ""),
+    ]
+    if conn.get("last_error"):
+        lines.append(f"  last error:    {conn['last_error']} ({ago(conn.get('last_error_at'))})")
+    for name, result in sorted(facts.items()):
+        if not isinstance(result, dict):
+            continue
+        if result.get("ok"):
+            summary = ", ".join(f"{k}={v}" for k, v in sorted((result.get("data") or {}).items())
+                                if not isinstance(v, (dict, list)))
+            lines.append(f"  {name + ':':<14} {_short(summary, 100)}")
+        else:
+            lines.append(f"  {name + ':':<14} FAILED: {result.get('error')}")
+    lines.append("  history:")
+    for e in h.get("history", []):
+        lines.append(f"    {when(e['at'])}  {e['status']:<10} {e['detail']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,50 @@
+"""HTTP pieces both APIs share: where the Fleet hangs on the app, and error rendering."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from common import wire
+from server.fleet import Fleet, Refused
+
+log = logging.getLogger(__name__)
+
+FLEET = "virtfleet.fleet"  # app key (aiohttp 3.8, Debian 12's, has no web.AppKey)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def fleet_of(request: web.Request) -> Fleet:
+    return request.app[FLEET]  # type: ignore[no-any-return]
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into a JSON refusal; never leak a stack trace to a client."""
+    try:
+        return await handler(request)
+    except Refused as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    except wire.WireError as exc:
+        return error_response(400, "bad_request", str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, "too_large",
+                              f"request body is larger than {wire.MAX_BODY_BYTES} bytes")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+    except sqlite3.OperationalError as exc:
+        log.error("state store failed on %s %s: %s", request.method, request.path, exc)
+        return error_response(503, "store_unavailable",
+                              f"the server cannot write its state ({exc}); try again later")
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal server error; see the server log")

@@ -1,0 +1,285 @@
+"""Real parts for end-to-end tests and the demo: a private libvirtd, the server, an agent.
+
+Every process is the real program. A libvirtd runs in a private mount namespace with
+its own /etc/libvirt, /run/libvirt, /var/lib/libvirt and /var/log/libvirt (temp dirs),
+its own unix socket dir and TLS port, so several can run side by side and none touches
+the machine's own libvirt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+T = TypeVar("T")
+SHARED_CACHE = Path("/var/tmp/virtfleet-test-libvirt-cache")
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition",
+             interval: float = 0.05) -> T:
+    """Poll until `condition()` is truthy; fail naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = condition()
+        except Exception as exc:  # a condition may fail while things start up
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+
+class Libvirtd:
+    """A private libvirtd. `start()` runs it (with --listen once TLS is configured),
+    `stop()` kills it; `restart_script` is what the agent runs after its TLS set-up."""
+
+    def __init__(self, base: Path, tls_port: int, listen_addr: str = "127.0.0.1",
+                 netns: str | None = None, hide_kvm: bool = False) -> None:
+        self.base = base
+        self.tls_port = tls_port
+        self.listen_addr = listen_addr
+        self.netns = netns
+        self.hide_kvm = hide_kvm
+        self.sock_dir = base / "sock"
+        self.conf = base / "etc" / "libvirtd.conf"
+        self.pidfile = base / "libvirtd.pid"
+        self.pki = base / "pki"
+        self.restart_script = base / "restart-libvirtd"
+        self.uri = f"qemu:///system?socket={self.sock_dir}/libvirt-sock"
+        for sub in ("sock", "etc", "run", "lib", "log", "cache", "pki/private"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        if not self.conf.exists():
+            self.conf.write_text(textwrap.dedent(f"""\
+                # private libvirtd for a virtfleet test
+                unix_sock_dir = "{self.sock_dir}"
+                listen_tcp = 0
+                listen_addr = "{listen_addr}"
+                auth_unix_rw = "none"
+                log_outputs = "3:file:{base}/log/libvirtd.log"
+                """))
+        self.restart_script.write_text(textwrap.dedent(f"""\
+            #!/bin/sh
+            # Restart this test's libvirtd (what libvirt.restart_command runs).
+            exec {sys.executable} -c 'import sys; sys.path.insert(0, "{ROOT}"); \\
+            from tests.harness import Libvirtd; from pathlib import Path; \\
+            Libvirtd(Path("{base}"), {tls_port}, "{listen_addr}", {netns!r}, {hide_kvm}).restart()'
+            """))
+        self.restart_script.chmod(0o755)
+
+    def agent_config(self, **extra: Any) -> str:
+        """The [libvirt] part of an agent.toml pointing at this libvirtd."""
+        lines = [
+            "[libvirt]",
+            f'uri = "{self.uri}"',
+            f"tls_port = {self.tls_port}",
+            f'conf = "{self.conf}"',
+            f'ca_file = "{self.pki}/cacert.pem"',
+            f'cert_file = "{self.pki}/servercert.pem"',
+            f'key_file = "{self.pki}/private/serverkey.pem"',
+            f'restart_command = "{self.restart_script}"',
+        ]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+        return "\n".join(lines) + "\n"
+
+    @property
+    def tls_configured(self) -> bool:
+        return "BEGIN virtfleet" in self.conf.read_text()
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if pid_alive(pid) else None
+
+    def start(self) -> None:
+        # QEMU's capabilities take libvirtd seconds to probe: share the cache between
+        # test libvirtds (those without KVM see other capabilities: their own cache).
+        cache = self.base / "cache" if self.hide_kvm else SHARED_CACHE
+        cache.mkdir(parents=True, exist_ok=True)
+        mounts = [(self.base / "etc", "/etc/libvirt"), (self.base / "run", "/run/libvirt"),
+                  (self.base / "lib", "/var/lib/libvirt"), (self.base / "log", "/var/log/libvirt"),
+                  (cache, "/var/cache/libvirt")]
+        script = "set -e\n"
+        for source, target in mounts:
+            script += f"mkdir -p {target} && mount --bind {source} {target}\n"
+        if self.hide_kvm:
+            script += "mount --bind /dev/null /dev/kvm\n"
+        listen = "--listen" if self.tls_configured else ""
+        script += (f"exec libvirtd -d -f {self.conf} -p {self.pidfile} {listen} "
+                   f"</dev/null >>{self.base}/log/stdio.log 2>&1\n")
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns] + cmd
+        self.pidfile.unlink(missing_ok=True)
+        subprocess.run(cmd, check=True, timeout=30)
+        wait_for(lambda: self.pid() and (self.sock_dir / "libvirt-sock").exists(), 30,
+                 "libvirtd to start")
+        if listen:
+            wait_for(lambda: self._tls_listening(), 30, "libvirtd's TLS port")
+
+    def _tls_listening(self) -> bool:
+        cmd = ["ss", "-Hltn", f"sport = :{self.tls_port}"]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns] + cmd
+        return bool(subprocess.run(cmd, capture_output=True, text=True).stdout.strip())
+
+    def stop(self) -> None:
+        pid = self.pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(pid), 10, "libvirtd to exit")
+        (self.sock_dir / "libvirt-sock").unlink(missing_ok=True)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class Proc:
+    """A real virtfleet program as a child process, its output in a log file."""
+
+    def __init__(self, argv: list[str], log: Path, netns: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.argv, self.log_path, self.netns = argv, log, netns
+        self.env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        cmd = self.argv if not self.netns else ["ip", "netns", "exec", self.netns] + self.argv
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class Server:
+    """`virtfleet-server serve` plus its admin commands."""
+
+    def __init__(self, state: Path, port: int, *extra: str, host: str = "127.0.0.1",
+                 netns: str | None = None) -> None:
+        self.state, self.port, self.address, self.netns = state, port, host, netns
+        self.url = f"https://{host}:{port}"
+        self.proc = Proc([str(VENV_BIN / "virtfleet-server"), "--state-dir", str(state), "serve",
+                          "--listen", f"{host}:{port}", *extra], state.parent / f"{state.name}.log",
+                         netns=netns)
+
+    def start(self) -> Server:
+        self.proc.start()
+        wait_for(lambda: (self.state / "admin.sock").exists() and self.admin("status", check=False)
+                 .returncode == 0, 20, "the server to answer on its admin socket")
+        return self
+
+    def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(VENV_BIN / "virtfleet-server"), "--state-dir", str(self.state),
+                                 *args], capture_output=True, text=True, timeout=30)
+        if check and result.returncode != 0:
+            raise AssertionError(f"virtfleet-server {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def admin_json(self, *args: str) -> Any:
+        return json.loads(self.admin("--json", *args).stdout)
+
+    def token(self, *args: str) -> str:
+        return str(self.admin_json("token", "create", *args)["join"])
+
+    def hosts(self) -> list[dict[str, Any]]:
+        return list(self.admin_json("hosts", "list"))
+
+    def host(self, ref: str) -> dict[str, Any]:
+        return dict(self.admin_json("hosts", "show", ref))
+
+    def status_of(self, ref: str) -> str:
+        return str(self.host(ref)["status"])
+
+    def wait_status(self, ref: str, status: str, timeout: float = 15) -> dict[str, Any]:
+        return wait_for(lambda: (h := self.host(ref))["status"] == status and h, timeout,
+                        f"host {ref} to be {status}")
+
+
+class Agent:
+    """`virtfleet-agent` with its own state dir and config file."""
+
+    def __init__(self, base: Path, config_text: str, netns: str | None = None,
+                 hostname: str = "") -> None:
+        self.base, self.netns = base, netns
+        base.mkdir(parents=True, exist_ok=True)
+        self.state = base / "state"
+        self.config = base / "agent.toml"
+        head = f'hostname = "{hostname}"\n' if hostname else ""
+        self.config.write_text(head + config_text)
+        self.proc: Proc | None = None
+
+    def argv(self, *args: str) -> list[str]:
+        return [str(VENV_BIN / "virtfleet-agent"), "--config", str(self.config),
+                "--state-dir", str(self.state), *args]
+
+    def run_cmd(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        cmd = self.argv(*args)
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns] + cmd
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+    def join(self, join: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run_cmd("join", join, *args)
+
+    def start(self) -> Agent:
+        self.proc = Proc(self.argv("run"), self.base / "agent.log", netns=self.netns).start()
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc:
+            self.proc.stop(sig)
+
+    def host_id(self) -> str:
+        return str(json.loads((self.state / "agent.json").read_text())["host_id"])
+
+
