@@ -1,0 +1,89 @@
+"""Small pure pieces: backoff, renewal time, KVM assessment, status derivation, rate limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.collectors import kvm
+from agent.collectors.host import parse_cpu_model
+from agent.runner import renewal_time
+from common.backoff import Backoff
+from common.cli import duration
+from server.app import RateLimiter
+from server.hosts import Connection, derive
+from server.store import Host
+
+
+def test_backoff_grows_caps_and_resets() -> None:
+    b = Backoff(base=1, cap=8, rand=lambda: 1.0)
+    assert [b.next_delay() for _ in range(6)] == [1, 2, 4, 8, 8, 8]
+    b.reset()
+    assert b.next_delay() == 1
+
+
+def test_backoff_jitter_stays_within_half_to_full() -> None:
+    low = Backoff(base=4, cap=60, rand=lambda: 0.0)
+    assert low.next_delay() == 2
+
+
+def test_renewal_between_70_and_90_percent() -> None:
+    assert renewal_time(0, 100, 0.0) == 70
+    assert renewal_time(0, 100, 1.0) == pytest.approx(90)
+    assert 1000 + 70 <= renewal_time(1000, 1100, 0.5) <= 1000 + 90
+
+
+CPUINFO = "processor\t: 0\nmodel name\t: AMD EPYC 7302\nflags\t\t: fpu svm sse2\n"
+
+
+def test_cpu_parsers() -> None:
+    assert parse_cpu_model(CPUINFO) == "AMD EPYC 7302"
+    assert kvm.parse_cpu_flags(CPUINFO) == {"fpu", "svm", "sse2"}
+
+
+def test_kvm_disabled_in_bios_is_named() -> None:
+    facts = kvm.assess({"vmx"}, device_usable=False, device_exists=False, module=None, nested=None)
+    assert facts["disabled_in_bios"] and "BIOS" in facts["problem"] and "kvm_intel" in facts["problem"]
+
+
+def test_kvm_usable_with_nested() -> None:
+    facts = kvm.assess({"svm"}, device_usable=True, device_exists=True, module="kvm_amd", nested="1")
+    assert facts["usable"] and facts["nested"] and not facts["problem"]
+
+
+def test_kvm_without_hardware_support() -> None:
+    facts = kvm.assess(set(), device_usable=False, device_exists=False, module=None, nested=None)
+    assert not facts["disabled_in_bios"] and "no hardware virtualization" in facts["problem"]
+
+
+def _host(**kw: object) -> Host:
+    base = dict(id="h1", hostname="hv", admin_state="enabled", configured_role="mixed",
+                role_override=None, role_limit="mixed", status="online", detail="", status_since=0,
+                enrolled_at=0, last_checkin=100, address="10.0.0.1", agent_version="1",
+                report={"libvirtd": {"ok": True}, "libvirt_endpoint": {"host": "hv", "port": 1}})
+    return Host(**(base | kw))  # type: ignore[arg-type]
+
+
+def test_status_derivation_precedence() -> None:
+    online = Connection("online", "open")
+    assert derive(_host(admin_state="disabled"), 100, 100, 30, online)[0] == "disabled"
+    assert derive(_host(admin_state="pending"), 100, 100, 30, online)[0] == "pending"
+    assert derive(_host(), 200, 100, 30, online)[0] == "offline"
+    down = _host(report={"libvirtd": {"ok": False, "error": "socket gone"}})
+    status, detail = derive(down, 100, 100, 30, online)
+    assert status == "error" and "libvirtd is down on the host: socket gone" in detail
+    assert derive(_host(), 100, 100, 30, online) == ("online", "open")
+    assert derive(_host(), 100, 100, 30, None)[0] == "connecting"
+
+
+def test_rate_limiter_allows_bursts_then_refills() -> None:
+    limiter = RateLimiter(rate=1.0)
+    assert limiter.allow("a", 0) and limiter.allow("a", 0)
+    assert not limiter.allow("a", 0)
+    assert limiter.allow("b", 0)
+    assert limiter.allow("a", 1.0)
+
+
+def test_durations() -> None:
+    assert duration("90") == 90 and duration("15m") == 900 and duration("1h") == 3600
+    with pytest.raises(Exception, match="not a duration"):
+        duration("soon")

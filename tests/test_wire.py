@@ -1,0 +1,74 @@
+"""The wire contract: join strings, message validation, roles, pins."""
+
+from __future__ import annotations
+
+import pytest
+
+from common import pki, wire
+
+REPORT = {"hostname": "hv", "role": "mixed", "agent_version": "1", "libvirtd": {"ok": True}}
+
+
+def test_join_string_round_trips() -> None:
+    join = wire.JoinString(url="https://vdi.example:8443", ca_pin="sha256:" + "a" * 64, token="t.o.k")
+    assert wire.JoinString.decode(join.encode()) == join
+    assert wire.JoinString.decode("  " + join.encode() + "\n") == join
+
+
+@pytest.mark.parametrize("text, words", [
+    ("hello", "not a virtfleet join string"),
+    ("vfjoin1.%%%", "damaged"),
+    ("vfjoin1.e30", "required field is missing"),
+    (wire.JoinString(url="http://x", ca_pin="sha256:" + "a" * 64, token="t").encode(), "https"),
+    (wire.JoinString(url="https://x", ca_pin="md5:00", token="t").encode(), "ca_pin"),
+])
+def test_bad_join_strings_name_the_problem(text: str, words: str) -> None:
+    with pytest.raises(wire.WireError, match=words):
+        wire.JoinString.decode(text)
+
+
+def test_a_join_string_cut_short_is_refused() -> None:
+    good = wire.JoinString(url="https://x:1", ca_pin="sha256:" + "b" * 64, token="abc").encode()
+    with pytest.raises(wire.WireError):
+        wire.JoinString.decode(good[: len(good) // 2])
+
+
+def test_parse_accepts_a_valid_checkin() -> None:
+    req = wire.parse(wire.CheckinRequest, {"report": REPORT})
+    assert req.report.libvirtd.ok and req.report.role == "mixed"
+
+
+@pytest.mark.parametrize("body, words", [
+    ([], "expected a JSON object"),
+    ({}, "report: required field is missing"),
+    ({"report": REPORT, "host_id": "other"}, "unknown field"),
+    ({"report": REPORT | {"role": "admin"}}, "report.role: 'admin' is not one of"),
+    ({"report": REPORT | {"hostname": 7}}, "report.hostname: expected a string"),
+    ({"report": REPORT | {"hostname": "x" * 300}}, "longer than 256"),
+    ({"report": REPORT | {"libvirtd": {"ok": "yes"}}}, "report.libvirtd.ok: expected true or false"),
+    ({"report": REPORT, "protocol": -1}, "protocol: expected a whole number"),
+])
+def test_parse_refuses_bad_input_naming_the_field(body: object, words: str) -> None:
+    with pytest.raises(wire.WireError, match=words):
+        wire.parse(wire.CheckinRequest, body)
+
+
+def test_decode_body_refuses_oversized_and_non_json() -> None:
+    with pytest.raises(wire.WireError, match="limit"):
+        wire.decode_body(wire.CheckinRequest, b" " * (wire.MAX_BODY_BYTES + 1))
+    with pytest.raises(wire.WireError, match="not valid JSON"):
+        wire.decode_body(wire.CheckinRequest, b"{nope")
+
+
+def test_roles_within_a_token_limit() -> None:
+    assert wire.role_within("hypervisor", "mixed")
+    assert wire.role_within("mixed", "mixed")
+    assert not wire.role_within("mixed", "hypervisor")
+    assert not wire.role_within("disk_operations", "hypervisor")
+
+
+def test_ca_pin_is_sha256_of_the_public_key() -> None:
+    key = pki.new_key()
+    pin = wire.ca_pin(key.public_key())
+    assert pin.startswith("sha256:") and len(pin) == 71
+    assert pin != wire.ca_pin(pki.new_key().public_key())
