@@ -17,7 +17,7 @@ import aiohttp
 
 from agent.client import TIMEOUT, ServerError, call, fetch_ca
 from agent.config import AgentConfig
-from agent.libvirt_tls import LibvirtTLS
+from agent.libvirt_tls import LibvirtTLS, TLSSetupError
 from agent.local_libvirt import LocalLibvirt
 from agent.report import build_report
 from agent.state import Enrollment, State
@@ -58,6 +58,8 @@ async def join(text: str, config: AgentConfig, state: State, force: bool = False
         raise JoinError(str(exc)) from None
     check_pin(ca_pem, join_string.ca_pin, join_string.url)
 
+    if config.libvirt.configure_tls:
+        LibvirtTLS(config.libvirt, state.dir).preflight()
     state.prepare()
     key = pki.new_key()
     libvirt_key = pki.new_key() if config.libvirt.configure_tls else None
@@ -81,14 +83,18 @@ async def join(text: str, config: AgentConfig, state: State, force: bool = False
             if exc.status is not None and 400 <= exc.status < 500:
                 raise JoinError(f"the server refused to enroll this host: {exc}") from None
             raise JoinError(str(exc)) from None
-    if libvirt_key is not None:
-        install_libvirt_tls(config, state, libvirt_key, answer.identity)
     enrollment = Enrollment(host_id=answer.host_id, server_url=join_string.url,
                             ca_pin=join_string.ca_pin, role=config.role, enrolled_at=time.time())
     state.save_enrollment(enrollment, pki.key_pem(key), answer.identity.certificate,
                           answer.identity.ca_certificate)
     event(log, "enrolled", "enrolled with %s as host %s (role %s)", join_string.url,
           answer.host_id, config.role, host_id=answer.host_id)
+    if libvirt_key is not None:
+        try:
+            install_libvirt_tls(config, state, libvirt_key, answer.identity)
+        except TLSSetupError as exc:
+            raise JoinError(f"enrolled as host {answer.host_id}, but libvirtd's TLS set-up "
+                            f"failed: {exc}") from None
     return enrollment
 
 

@@ -50,6 +50,14 @@ class LibvirtTLS:
         except OSError:
             return False
 
+    def preflight(self) -> None:
+        """Refuse before enrolling (and spending the token) if the set-up cannot succeed."""
+        ledger = self._load_ledger()
+        for path in (self.config.key_file, self.config.cert_file, self.config.ca_file):
+            if path.exists() and ledger.get(str(path)) != _digest(path.read_bytes()):
+                raise TLSSetupError(self._not_ours(path))
+        self._conf_without_block()
+
     def install(self, key_pem: bytes, cert_pem: str, ca_pem: str, client_dn: str) -> bool:
         """Write files and config; True when anything changed (libvirtd must reload)."""
         c = self.config
@@ -66,17 +74,20 @@ class LibvirtTLS:
             if current == data:
                 return False
             if ledger.get(str(path)) != _digest(current):
-                raise TLSSetupError(
-                    f"{path} exists and was not written by virtfleet-agent: refusing to overwrite "
-                    f"it. Move it aside, or point libvirt.{_setting_for(self.config, path)} in "
-                    "/etc/virtfleet/agent.toml at another path.")
+                raise TLSSetupError(self._not_ours(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data, mode=mode)
         ledger[str(path)] = _digest(data)
         write_atomic(self._ledger, json.dumps(ledger, indent=2) + "\n", mode=0o600)
         return True
 
-    def _write_conf(self, client_dn: str) -> bool:
+    def _not_ours(self, path: Path) -> str:
+        return (f"{path} exists and was not written by virtfleet-agent: refusing to overwrite "
+                f"it. Move it aside, or point libvirt.{_setting_for(self.config, path)} in "
+                "/etc/virtfleet/agent.toml at another path.")
+
+    def _conf_without_block(self) -> tuple[str, str]:
+        """libvirtd.conf as it is, and without our block; refuses if it sets our keys."""
         c = self.config
         text = c.conf.read_text() if c.conf.exists() else ""
         outside = _strip_block(text)
@@ -85,6 +96,11 @@ class LibvirtTLS:
             raise TLSSetupError(
                 f"{c.conf} already sets {', '.join(clash)} outside virtfleet's block: comment "
                 "those lines out so virtfleet can manage libvirtd's TLS listener.")
+        return text, outside
+
+    def _write_conf(self, client_dn: str) -> bool:
+        c = self.config
+        text, outside = self._conf_without_block()
         block = "\n".join([
             BEGIN,
             "listen_tls = 1",

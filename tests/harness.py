@@ -135,7 +135,9 @@ class Libvirtd:
         if self.hide_kvm:
             script += "mount --bind /dev/null /dev/kvm\n"
         listen = "--listen" if self.tls_configured else ""
-        script += (f"exec libvirtd -d -f {self.conf} -p {self.pidfile} {listen} "
+        # Pinned to one CPU: libvirt keys its QEMU capability cache on the host CPUID, which
+        # differs between the cores of this VM, and a cache miss costs ~8 s of probing.
+        script += (f"exec taskset -c 0 libvirtd -d -f {self.conf} -p {self.pidfile} {listen} "
                    f"</dev/null >>{self.base}/log/stdio.log 2>&1\n")
         cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
         if self.netns:
