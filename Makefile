@@ -9,7 +9,7 @@ setup:
 	@scripts/setup
 
 demo: setup
-	@$(PY) scripts/demo.py $(DEMO_ARGS)
+	@$(PY) scripts/demo.py $(if $(KEEP),--keep) $(DEMO_ARGS)
 
 test: setup
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from agent import config as config_mod
 from agent.config import AgentConfig, ConfigError
@@ -145,7 +146,7 @@ def cmd_status(state: State, as_json: bool) -> int:
                     EXIT_NOT_ENROLLED)
     status = state.load_status()
     cert = state.identity_cert()
-    data = {
+    data: dict[str, Any] = {
         "host_id": enrollment.host_id, "server": enrollment.server_url, "role": enrollment.role,
         "enrolled_at": enrollment.enrolled_at,
         "certificate_expires": pki.not_after(cert).timestamp(), "last_checkin": status,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from systemd import daemon
+from systemd import daemon  # type: ignore[attr-defined]
 
 
 def _send(state: str) -> None:

@@ -240,6 +240,30 @@ def hosts_command(args: argparse.Namespace, state: Path) -> int:
     return 0
 
 
+def describe_facts(name: str, result: dict[str, Any]) -> str:
+    """One line per collector, in words; a failed collector shows its error."""
+    if not result.get("ok"):
+        return f"FAILED: {result.get('error')}"
+    d = result.get("data") or {}
+    if name == "host":
+        gib = 1024**3
+        return (f"{d.get('cpu_model') or 'unknown CPU'}, {d.get('cpu_cores')} cores / "
+                f"{d.get('cpu_threads')} threads, {d.get('memory_total', 0) / gib:.1f} GiB "
+                f"({d.get('memory_available', 0) / gib:.1f} available), load "
+                f"{' '.join(str(x) for x in d.get('load', []))}, {d.get('arch')}")
+    if name == "kvm":
+        if not d.get("usable"):
+            return f"NOT USABLE: {d.get('problem')}"
+        module = d.get("module") or "built in"
+        return f"usable ({module}, nested {'on' if d.get('nested') else 'off'})"
+    if name == "libvirtd":
+        pools = ", ".join(f"{p['name']} {p['available'] / 1024**3:.0f}/{p['capacity'] / 1024**3:.0f} GiB free"
+                          for p in d.get("storage_pools", [])) or "none"
+        return (f"libvirt {d.get('libvirt_version')}, QEMU {d.get('hypervisor_version')}, "
+                f"{d.get('arch')}, {d.get('running_domains')} running domain(s); pools: {pools}")
+    return _short(", ".join(f"{k}={v}" for k, v in sorted(d.items())), 100)
+
+
 def _short(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -271,14 +295,8 @@ def render_host(h: dict[str, Any]) -> str:
     if conn.get("last_error"):
         lines.append(f"  last error:    {conn['last_error']} ({ago(conn.get('last_error_at'))})")
     for name, result in sorted(facts.items()):
-        if not isinstance(result, dict):
-            continue
-        if result.get("ok"):
-            summary = ", ".join(f"{k}={v}" for k, v in sorted((result.get("data") or {}).items())
-                                if not isinstance(v, (dict, list)))
-            lines.append(f"  {name + ':':<14} {_short(summary, 100)}")
-        else:
-            lines.append(f"  {name + ':':<14} FAILED: {result.get('error')}")
+        if isinstance(result, dict):
+            lines.append(f"  {name + ':':<14} {describe_facts(name, result)}")
     lines.append("  history:")
     for e in h.get("history", []):
         lines.append(f"    {when(e['at'])}  {e['status']:<10} {e['detail']}")

@@ -76,14 +76,14 @@ class TokenSigner:
             "role": role,
             "auto_enable": auto_enable,
         }
-        return jwt.encode(payload, self._key, algorithm=ALGORITHM), claims
+        return jwt.encode(payload, self._key, algorithm=ALGORITHM), claims  # type: ignore[arg-type]
 
     def verify(self, token: str) -> TokenClaims:
         """Signature, algorithm, audience, issuer and expiry; use count is the store's job."""
         try:
             payload = jwt.decode(
                 token,
-                self._public,
+                self._public,  # type: ignore[arg-type]
                 algorithms=[ALGORITHM],
                 audience=AUDIENCE,
                 issuer=ISSUER,

@@ -41,7 +41,7 @@ def register(name: str) -> Callable[[Collector], Collector]:
 
 
 def run_all(ctx: Context) -> dict[str, dict[str, Any]]:
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for name, collect in REGISTRY.items():
         start = time.monotonic()
         try:
