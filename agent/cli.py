@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_join(args.join, config, state, args.force)
     if args.command == "status":
         return cmd_status(state, args.json)
-    return asyncio.run(cmd_run(config, state, once=args.once))
+    return asyncio.run(cmd_run(config, state, args.config, once=args.once))
 
 
 def cmd_join(text: str, config: AgentConfig, state: State, force: bool) -> int:
@@ -98,15 +98,22 @@ def cmd_join(text: str, config: AgentConfig, state: State, force: bool) -> int:
     return 0
 
 
-async def cmd_run(config: AgentConfig, state: State, once: bool = False) -> int:
+async def cmd_run(config: AgentConfig, state: State, config_path: Path,
+                  once: bool = False) -> int:
     enrollment = state.enrolled()
     if enrollment is None and config.join:
-        log.info("not enrolled yet: joining with the join string from %s", "the config file")
+        log.info("not enrolled yet: joining with the join string from %s", config_path)
         try:
             enrollment = await join(config.join, config, state)
         except (JoinError, TLSSetupError) as exc:
             log.error("unattended join failed: %s", exc)
             return 1
+    if enrollment is not None and config.join:
+        try:
+            if config_mod.forget_join(config_path):
+                log.info("removed the spent join string from %s", config_path)
+        except OSError as exc:
+            log.warning("could not remove the join string from %s: %s", config_path, exc)
     if enrollment is None:
         log.error("this host is not enrolled: run `virtfleet-agent join '<JOIN>'` first, "
                   "or put the join string in %s", config_mod.DEFAULT_CONFIG)

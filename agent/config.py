@@ -7,6 +7,7 @@ should stop the agent loudly, not be ignored.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common import wire
+from common.files import write_atomic
 
 DEFAULT_CONFIG = Path("/etc/virtfleet/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/virtfleet-agent")
@@ -95,6 +97,21 @@ def _apply(target: Any, data: dict[str, Any], path: Path, prefix: str) -> None:
         elif type(value) is not type(current):
             raise ConfigError(f"{path}: {prefix}{key} must be a {type(current).__name__}")
         setattr(target, key, value)
+
+
+def forget_join(path: Path) -> bool:
+    """After an unattended join, take the join string out of the config file: a spent
+    token has no business lying around. Returns whether the file changed."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return False
+    new = re.sub(r"^(\s*)join\s*=.*$", r"\1# join = (used to enroll this host; removed by virtfleet-agent)",
+                 text, flags=re.M)
+    if new == text:
+        return False
+    write_atomic(path, new, mode=path.stat().st_mode & 0o777)
+    return True
 
 
 def env_state_dir() -> Path | None:

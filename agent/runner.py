@@ -104,6 +104,10 @@ class Runner:
         return answer.checkin_interval
 
     def _failed(self, exc: ServerError) -> float:
+        expired = self._expired_since()
+        if expired is not None:
+            exc = ServerError(f"this host's certificate expired at {expired} (the host was off "
+                              "longer than its lifetime): the server no longer accepts it", 401)
         if exc.identity_refused:
             event(log, "checkin_refused", "the server refuses this host's identity: %s", exc,
                   level=logging.ERROR, host_id=self.enrollment.host_id, reason=str(exc))
@@ -132,6 +136,12 @@ class Runner:
             self.state.save_status(self.last)
         except OSError as exc:
             log.warning("cannot save status: %s", exc)
+
+    def _expired_since(self) -> str | None:
+        not_after = pki.not_after(self.state.identity_cert())
+        if not_after > dt.datetime.now(dt.timezone.utc):
+            return None
+        return not_after.isoformat(timespec="seconds")
 
     # -- libvirtd watch -------------------------------------------------------------
 

@@ -168,6 +168,10 @@ class Fleet:
         return host
 
     def checkin(self, host: Host, req: wire.CheckinRequest, address: str) -> wire.CheckinResponse:
+        if not wire.role_within(req.report.role, host.role_limit):
+            raise Refused(403, "role_refused",
+                          f"role {req.report.role!r} is beyond what this host's join token allows "
+                          f"({host.role_limit!r}): set a role within it in agent.toml")
         was_ok = bool((host.report.get("libvirtd") or {}).get("ok"))
         report = wire.to_json(req.report)
         self.store.record_checkin(host.id, report, address, time.time())

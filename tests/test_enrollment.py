@@ -324,3 +324,29 @@ def test_token_create_prints_the_command_to_paste(server: Server) -> None:
     assert decoded.url == server.url
     payload = jwt.decode(decoded.token, options={"verify_signature": False})
     assert payload["exp"] - payload["iat"] == pytest.approx(dt.timedelta(minutes=15).seconds, abs=2)
+
+
+def test_unattended_join_from_the_config_then_the_token_is_forgotten(
+        server: Server, make_agent: MakeAgent) -> None:
+    join = server.token()
+    agent = make_agent("auto", None, extra_toml=f'join = "{join}"\n')
+    agent.start()
+    wait_for(lambda: (agent.state / "agent.json").exists(), 15, "the unattended join")
+    wait_for(lambda: "vfjoin1." not in agent.config.read_text(), 10, "the token to be removed")
+    assert "# join = (used to enroll this host" in agent.config.read_text()
+    host = wait_for(lambda: (hs := server.hosts()) and hs[0]["last_checkin"] and hs[0], 10,
+                    "the host checking in")
+    assert host["hostname"] == "auto"
+    assert join not in agent.proc.log() if agent.proc else True  # the token never reaches a log
+
+
+def test_checkin_with_a_role_beyond_the_token_is_refused(server: Server,
+                                                         make_agent: MakeAgent) -> None:
+    agent = make_agent("creep", None)
+    assert agent.join(server.token("--role", "disk_operations"), "--role",
+                      "disk_operations").returncode == 0
+    agent.config.write_text('role = "mixed"\n' + agent.config.read_text())
+    result = agent.run_cmd("run", "--once")
+    assert result.returncode == 1
+    assert "beyond what this host's join token allows" in agent.run_cmd("status").stdout
+    assert server.host(agent.host_id())["role"] == "disk_operations"
