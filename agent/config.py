@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 @dataclass
 class LibvirtConfig:
     uri: str = "qemu:///system"
+    admin_uri: str = "libvirtd:///system"  # for reloading renewed TLS files (virt-admin)
     # The TLS listener the server connects to, and where libvirtd reads its TLS files.
     configure_tls: bool = True
     tls_port: int = 16514

@@ -22,9 +22,13 @@ from agent.local_libvirt import LocalLibvirt
 from agent.report import build_report
 from agent.state import Enrollment, State
 from common import pki, wire
+from common.backoff import Backoff
 from common.logs import event
 
 log = logging.getLogger(__name__)
+
+
+BUSY_PATIENCE = 120.0  # how long `join` keeps retrying a server that says it is busy
 
 
 class JoinError(Exception):
@@ -75,14 +79,7 @@ async def join(text: str, config: AgentConfig, state: State, force: bool = False
         report=report,
     )
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca_pem)
-    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-        try:
-            answer = await call(session, join_string.url + wire.ENROLL_PATH,
-                                wire.to_json(request), wire.EnrollResponse, ctx)
-        except ServerError as exc:
-            if exc.status is not None and 400 <= exc.status < 500:
-                raise JoinError(f"the server refused to enroll this host: {exc}") from None
-            raise JoinError(str(exc)) from None
+    answer = await enroll_request(join_string.url, request, ctx)
     enrollment = Enrollment(host_id=answer.host_id, server_url=join_string.url,
                             ca_pin=join_string.ca_pin, role=config.role, enrolled_at=time.time())
     state.save_enrollment(enrollment, pki.key_pem(key), answer.identity.certificate,
@@ -98,9 +95,32 @@ async def join(text: str, config: AgentConfig, state: State, force: bool = False
     return enrollment
 
 
+async def enroll_request(url: str, request: wire.EnrollRequest, ctx: ssl.SSLContext,
+                  patience: float = BUSY_PATIENCE) -> wire.EnrollResponse:
+    """Enroll; a busy server (429, 5xx) is retried with backoff for a while, anything
+    else is final."""
+    backoff = Backoff(base=0.5, cap=10.0)
+    deadline = time.monotonic() + patience
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        while True:
+            try:
+                return await call(session, url + wire.ENROLL_PATH, wire.to_json(request),
+                                  wire.EnrollResponse, ctx)
+            except ServerError as exc:
+                busy = exc.status is not None and exc.retryable
+                if busy and time.monotonic() < deadline:
+                    log.info("server busy (%s); retrying", exc)
+                    await backoff.wait()
+                    continue
+                if exc.status is not None and 400 <= exc.status < 500:
+                    raise JoinError(f"the server refused to enroll this host: {exc}") from None
+                raise JoinError(str(exc)) from None
+
+
 def install_libvirt_tls(config: AgentConfig, state: State, key: object,
-                        identity: wire.Identity) -> None:
-    """Install libvirtd's TLS files and make libvirtd use them (enrollment and renewal)."""
+                        identity: wire.Identity, renewal: bool = False) -> None:
+    """Install libvirtd's TLS files and make libvirtd use them: at enrollment by turning the
+    listener on, at renewal by reloading the files in place (open connections stay)."""
     if not (identity.libvirt_certificate and identity.libvirt_ca_certificate
             and identity.libvirt_client_dn):
         log.warning("the server sent no libvirt certificate: libvirtd TLS not set up")
@@ -109,5 +129,6 @@ def install_libvirt_tls(config: AgentConfig, state: State, key: object,
     changed = tls.install(pki.key_pem(key), identity.libvirt_certificate,  # type: ignore[arg-type]
                           identity.libvirt_ca_certificate, identity.libvirt_client_dn)
     if changed:
-        log.info("libvirtd TLS set up on port %d: %s", config.libvirt.tls_port, tls.apply())
+        done = tls.reload() if renewal else tls.apply()
+        log.info("libvirtd TLS set up on port %d: %s", config.libvirt.tls_port, done)
 

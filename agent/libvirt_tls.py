@@ -130,6 +130,11 @@ class LibvirtTLS:
         return ("libvirtd was not restarted (no systemd and no libvirt.restart_command): "
                 "restart it with --listen to open the TLS port")
 
+    def reload(self) -> str:
+        """Renewed files: libvirtd re-reads them without a restart, connections stay up."""
+        _run(["virt-admin", "-c", self.config.admin_uri, "server-update-tls", "libvirtd"])
+        return "libvirtd reloaded its TLS files (virt-admin server-update-tls)"
+
     def _load_ledger(self) -> dict[str, str]:
         try:
             return json.loads(self._ledger.read_text())  # type: ignore[no-any-return]

@@ -36,9 +36,9 @@ REFUSED_WAIT = 300.0  # identity refused: retrying is noise, but do notice a re-
 LIBVIRTD_PROBE = 1.0
 
 
-def renewal_time(not_before: float, not_after: float, jitter: float) -> float:
+def renewal_time(issued: float, not_after: float, jitter: float) -> float:
     """When to renew: at 70-90 % of the lifetime (jitter in [0, 1]), as client-go does."""
-    return not_before + (not_after - not_before) * (0.7 + 0.2 * jitter)
+    return issued + (not_after - issued) * (0.7 + 0.2 * jitter)
 
 
 class Runner:
@@ -161,8 +161,10 @@ class Runner:
     # -- renewal -----------------------------------------------------------------
 
     def _renew_at(self) -> float:
-        cert = self.state.identity_cert()
-        return renewal_time(pki.not_before(cert).timestamp(), pki.not_after(cert).timestamp(),
+        # The lifetime counts from when this host received the certificate (by its own
+        # clock), not from notBefore: the server backdates that to forgive clock skew.
+        issued = self.state.identity.stat().st_mtime
+        return renewal_time(issued, pki.not_after(self.state.identity_cert()).timestamp(),
                             self._jitter)
 
     async def renew(self) -> None:
@@ -180,7 +182,7 @@ class Runner:
         if libvirt_key is not None:
             try:
                 await asyncio.to_thread(install_libvirt_tls, self.config, self.state,
-                                        libvirt_key, identity)
+                                        libvirt_key, identity, True)
             except TLSSetupError as exc:
                 log.error("libvirtd TLS renewal not installed: %s", exc)
         expires = pki.not_after(pki.load_cert(identity.certificate))

@@ -9,6 +9,7 @@ into (status, detail), and a change of either lands in the history with its time
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,8 +77,14 @@ class HostStatus:
             return host
         # A new status, or a new reason for an error, is history; a progress note is not.
         transition = status != host.status or status == ERROR
-        self.store.set_status(host_id, status, detail, now if transition else host.status_since,
-                              record=transition)
+        try:
+            self.store.set_status(host_id, status, detail, now if transition else host.status_since,
+                                  record=transition)
+        except sqlite3.Error as exc:
+            # The store is full or read-only: the change is kept in no history, but the
+            # callers (check-in, connection manager) must carry on; it is re-derived later.
+            log.error("cannot record status %s for host %s: %s", status, host_id, exc)
+            return host
         if transition:
             level = logging.WARNING if status in (ERROR, OFFLINE) else logging.INFO
             event(log, "status_changed", "host %s (%s): %s -> %s: %s", host.hostname, host_id,

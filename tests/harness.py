@@ -86,20 +86,27 @@ class Libvirtd:
                 auth_unix_rw = "none"
                 log_outputs = "3:file:{base}/log/libvirtd.log"
                 """))
+        (base / "params.json").write_text(json.dumps(
+            {"tls_port": tls_port, "listen_addr": listen_addr, "netns": netns, "hide_kvm": hide_kvm}))
         self.restart_script.write_text(textwrap.dedent(f"""\
             #!/bin/sh
             # Restart this test's libvirtd (what libvirt.restart_command runs).
             exec {sys.executable} -c 'import sys; sys.path.insert(0, "{ROOT}"); \\
-            from tests.harness import Libvirtd; from pathlib import Path; \\
-            Libvirtd(Path("{base}"), {tls_port}, "{listen_addr}", {netns!r}, {hide_kvm}).restart()'
+            from tests.harness import Libvirtd; Libvirtd.from_dir("{base}").restart()'
             """))
         self.restart_script.chmod(0o755)
+
+    @classmethod
+    def from_dir(cls, base: str) -> Libvirtd:
+        params = json.loads((Path(base) / "params.json").read_text())
+        return cls(Path(base), **params)
 
     def agent_config(self, **extra: Any) -> str:
         """The [libvirt] part of an agent.toml pointing at this libvirtd."""
         lines = [
             "[libvirt]",
             f'uri = "{self.uri}"',
+            f'admin_uri = "libvirtd:///system?socket={self.sock_dir}/libvirt-admin-sock"',
             f"tls_port = {self.tls_port}",
             f'conf = "{self.conf}"',
             f'ca_file = "{self.pki}/cacert.pem"',
@@ -285,3 +292,46 @@ class Agent:
         return str(json.loads((self.state / "agent.json").read_text())["host_id"])
 
 
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+class Network:
+    """Test hosts in network namespaces: one for the server, holding a bridge, and one per
+    host, joined to it by a veth pair. Addresses are made up inside 198.18.0.0/24 (the
+    benchmarking range) and exist only in these namespaces."""
+
+    SUBNET = "198.18.0"
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.server_ns = f"{tag}-srv"
+        self.server_address = f"{self.SUBNET}.1"
+        self.hosts: dict[str, str] = {}  # namespace -> address
+        ip("netns", "add", self.server_ns)
+        ip("-n", self.server_ns, "link", "set", "lo", "up")
+        ip("-n", self.server_ns, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.server_ns, "addr", "add", f"{self.server_address}/24", "dev", "br0")
+        ip("-n", self.server_ns, "link", "set", "br0", "up")
+
+    def add_host(self) -> tuple[str, str]:
+        index = len(self.hosts) + 1
+        ns, address = f"{self.tag}-h{index}", f"{self.SUBNET}.{10 + index}"
+        ip("netns", "add", ns)
+        ip("-n", ns, "link", "set", "lo", "up")
+        ip("link", "add", "name", "eth0", "netns", ns, "type", "veth", "peer", "name", f"h{index}",
+           "netns", self.server_ns)
+        ip("-n", self.server_ns, "link", "set", f"h{index}", "master", "br0", "up")
+        ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+        ip("-n", ns, "link", "set", "eth0", "up")
+        self.hosts[ns] = address
+        return ns, address
+
+    def link(self, ns: str, up: bool) -> None:
+        ip("-n", ns, "link", "set", "eth0", "up" if up else "down")
+
+    def close(self) -> None:
+        for ns in [*self.hosts, self.server_ns]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
