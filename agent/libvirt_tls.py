@@ -131,8 +131,15 @@ class LibvirtTLS:
                 "restart it with --listen to open the TLS port")
 
     def reload(self) -> str:
-        """Renewed files: libvirtd re-reads them without a restart, connections stay up."""
-        _run(["virt-admin", "-c", self.config.admin_uri, "server-update-tls", "libvirtd"])
+        """Renewed files: libvirtd re-reads them without a restart, connections stay up.
+
+        libvirt 9.0's `server-update-tls` rereads only its default paths (/etc/pki/...),
+        whatever libvirtd.conf names; with other paths it fails, and a restart it is."""
+        try:
+            _run(["virt-admin", "-c", self.config.admin_uri, "server-update-tls", "libvirtd"])
+        except TLSSetupError as exc:
+            log.warning("reloading libvirtd's TLS files in place failed (%s); restarting it", exc)
+            return self.apply()
         return "libvirtd reloaded its TLS files (virt-admin server-update-tls)"
 
     def _load_ledger(self) -> dict[str, str]:

@@ -75,7 +75,7 @@ class Libvirtd:
         self.pki = base / "pki"
         self.restart_script = base / "restart-libvirtd"
         self.uri = f"qemu:///system?socket={self.sock_dir}/libvirt-sock"
-        for sub in ("sock", "etc", "run", "lib", "log", "cache", "pki/private"):
+        for sub in ("sock", "etc", "run", "lib", "log", "cache", "pki/private", "pki-ca"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         if not self.conf.exists():
             self.conf.write_text(textwrap.dedent(f"""\
@@ -109,7 +109,7 @@ class Libvirtd:
             f'admin_uri = "libvirtd:///system?socket={self.sock_dir}/libvirt-admin-sock"',
             f"tls_port = {self.tls_port}",
             f'conf = "{self.conf}"',
-            f'ca_file = "{self.pki}/cacert.pem"',
+            f'ca_file = "{self.base}/pki-ca/cacert.pem"',
             f'cert_file = "{self.pki}/servercert.pem"',
             f'key_file = "{self.pki}/private/serverkey.pem"',
             f'restart_command = "{self.restart_script}"',
@@ -135,7 +135,10 @@ class Libvirtd:
         cache.mkdir(parents=True, exist_ok=True)
         mounts = [(self.base / "etc", "/etc/libvirt"), (self.base / "run", "/run/libvirt"),
                   (self.base / "lib", "/var/lib/libvirt"), (self.base / "log", "/var/log/libvirt"),
-                  (cache, "/var/cache/libvirt")]
+                  (cache, "/var/cache/libvirt"),
+                  # libvirt's default TLS paths too: `virt-admin server-update-tls` rereads
+                  # only those, whatever libvirtd.conf says.
+                  (self.base / "pki", "/etc/pki/libvirt"), (self.base / "pki-ca", "/etc/pki/CA")]
         script = "set -e\n"
         for source, target in mounts:
             script += f"mkdir -p {target} && mount --bind {source} {target}\n"
