@@ -44,10 +44,11 @@ def server(start_server: Callable[..., Server]) -> Server:
 def make_agent(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
     agents: list[Agent] = []
 
-    def make(name: str, lv: Libvirtd | None, extra_toml: str = "") -> Agent:
+    def make(name: str, lv: Libvirtd | None, extra_toml: str = "",
+             env: dict[str, str] | None = None) -> Agent:
         config = extra_toml + (lv.agent_config() if lv else
                                '[libvirt]\nuri = "test:///default"\nconfigure_tls = false\n')
-        agent = Agent(tmp_path / name, config, hostname=name)
+        agent = Agent(tmp_path / name, config, hostname=name, env=env)
         agents.append(agent)
         return agent
 

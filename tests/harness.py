@@ -261,8 +261,8 @@ class Agent:
     """`virtfleet-agent` with its own state dir and config file."""
 
     def __init__(self, base: Path, config_text: str, netns: str | None = None,
-                 hostname: str = "") -> None:
-        self.base, self.netns = base, netns
+                 hostname: str = "", env: dict[str, str] | None = None) -> None:
+        self.base, self.netns, self.env = base, netns, env or {}
         base.mkdir(parents=True, exist_ok=True)
         self.state = base / "state"
         self.config = base / "agent.toml"
@@ -278,13 +278,15 @@ class Agent:
         cmd = self.argv(*args)
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns] + cmd
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=os.environ | self.env)
 
     def join(self, join: str, *args: str) -> subprocess.CompletedProcess[str]:
         return self.run_cmd("join", join, *args)
 
     def start(self) -> Agent:
-        self.proc = Proc(self.argv("run"), self.base / "agent.log", netns=self.netns).start()
+        self.proc = Proc(self.argv("run"), self.base / "agent.log", netns=self.netns,
+                         env=self.env).start()
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

@@ -8,18 +8,19 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from common import wire
 from tests.harness import Agent, Libvirtd, Network, Server, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 GRACE = 4.0
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 SERVER_ARGS = ("--checkin-interval", "1", "--grace", str(GRACE))
 
 
@@ -180,3 +181,20 @@ def test_two_hundred_hosts_enroll_at_once(server: Server) -> None:
     assert slowest < 5, f"admin status took {slowest:.1f} s during the burst"
     assert len(server.hosts()) == 200
     print(f"200 enrollments in {seconds} s; slowest admin answer meanwhile {slowest:.2f} s")
+
+
+@pytest.mark.parametrize("skew", ["-5m", "+5m"])
+def test_agent_clock_five_minutes_off_still_joins_and_checks_in(
+        server: Server, libvirtd: Libvirtd, make_agent: Callable[..., Agent], skew: str) -> None:
+    # The monotonic clock is shifted too: with it left alone, libfaketime makes sleep() fail.
+    faked = {"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": skew}
+    agent = make_agent(f"hv-skew{skew[0]}", libvirtd, env=faked)
+    seen = subprocess.run([sys.executable, "-c", "import time; print(time.time())"], env=os.environ
+                          | faked, capture_output=True, text=True, check=True).stdout
+    assert abs(abs(float(seen) - time.time()) - 300) < 10  # the agent's clock really is off
+    result = agent.join(server.token())
+    assert result.returncode == 0, result.stderr
+    agent.start()
+    host = server.wait_status(agent.host_id(), "online", 20)
+    first = host["last_checkin"]
+    wait_for(lambda: server.host(agent.host_id())["last_checkin"] > first, 10, "more check-ins")
