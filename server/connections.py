@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import libvirt
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from common import libvirt_events, pki
@@ -71,6 +72,7 @@ class ConnectionManager:
         self.links: dict[str, Link] = {}
         self.pki_dir = fleet.config.state_dir / "libvirt-client"
         self._ensure_client_certificate()
+        self.publish_revocations()
         self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="libvirt")
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -307,8 +309,20 @@ class ConnectionManager:
 
     # -- the server's libvirt client identity ----------------------------------------
 
+    def publish_revocations(self) -> None:
+        """Write the libvirt CA's revocation list where libvirt's client reads it (pkipath's
+        cacrl.pem, read at every connection open): a forgotten host's libvirtd certificate
+        is then refused even if someone serves it from an address the server dials."""
+        revoked = self.fleet.store.revoked_libvirt_certs(time.time())
+        crl_path = self.pki_dir / "cacrl.pem"
+        if not revoked:
+            crl_path.unlink(missing_ok=True)
+            return
+        crl = self.fleet.libvirt_ca.revocation_list(revoked)
+        write_atomic(crl_path, crl.public_bytes(serialization.Encoding.PEM))
+
     def _ensure_client_certificate(self) -> None:
-        """libvirt's pkipath layout: cacert.pem, clientcert.pem, clientkey.pem."""
+        """libvirt's pkipath layout: cacert.pem, cacrl.pem, clientcert.pem, clientkey.pem."""
         ca = self.fleet.libvirt_ca
         cert_path = self.pki_dir / "clientcert.pem"
         if cert_path.exists() and (self.pki_dir / "cacert.pem").read_text() == ca.cert_pem:

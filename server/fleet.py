@@ -227,8 +227,10 @@ class Fleet:
         self.status.refresh(host.id)
 
     def forget(self, host: Host) -> None:
-        """Remove the host: its certificate is refused from now on, its connection closed."""
-        self.store.forget_host(host.id)
+        """Remove the host: its identity certificates are refused from now on (no host has
+        them), its libvirtd certificates revoked, its connection closed."""
+        self.store.forget_host(host.id, time.time())
+        self.connections.publish_revocations()
         self.connections.host_changed(host.id)
         log.warning("host %s (%s) forgotten by an administrator", host.hostname, host.id)
 

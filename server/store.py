@@ -65,6 +65,19 @@ MIGRATIONS = [
     );
     CREATE INDEX host_events_host ON host_events(host_id, seq);
     """,
+    # 2: every libvirtd certificate issued, so that forgetting a host can revoke all of
+    # them (a renewed host still holds its older, unexpired ones).
+    """
+    CREATE TABLE libvirt_certs (
+        serial TEXT PRIMARY KEY,
+        host_id TEXT NOT NULL,
+        not_after REAL NOT NULL,
+        revoked_at REAL
+    );
+    INSERT INTO libvirt_certs(serial, host_id, not_after)
+        SELECT libvirt_cert_serial, id, libvirt_cert_not_after FROM hosts
+        WHERE libvirt_cert_serial IS NOT NULL;
+    """,
 ]
 
 
@@ -225,6 +238,13 @@ class Store:
             )
             db.execute("INSERT INTO host_events(host_id, at, status, detail) VALUES (?,?,?,?)",
                        (host.id, now, host.status, host.detail))
+            if host.libvirt_cert_serial:
+                self._record_libvirt_cert(host.id, host.libvirt_cert_serial,
+                                          host.libvirt_cert_not_after or now)
+
+    def _record_libvirt_cert(self, host_id: str, serial: str, not_after: float) -> None:
+        self.db.execute("INSERT INTO libvirt_certs(serial, host_id, not_after) VALUES (?,?,?)",
+                        (serial, host_id, not_after))
 
     def _token_refusal(self, jti: str, now: float) -> str:
         token = self.get_token(jti)
@@ -284,12 +304,25 @@ class Store:
         if not columns or set(columns) - allowed:
             raise ValueError(f"update_host: bad columns {sorted(columns)}")
         assignments = ", ".join(f"{c}=?" for c in columns)
-        self.db.execute(f"UPDATE hosts SET {assignments} WHERE id=?",
-                        (*columns.values(), host_id))
+        with self.transaction() as db:
+            db.execute(f"UPDATE hosts SET {assignments} WHERE id=?", (*columns.values(), host_id))
+            if columns.get("libvirt_cert_serial"):
+                self._record_libvirt_cert(host_id, columns["libvirt_cert_serial"],
+                                          columns["libvirt_cert_not_after"])
 
-    def forget_host(self, host_id: str) -> None:
+    def forget_host(self, host_id: str, now: float) -> None:
+        """Delete the host and revoke every libvirtd certificate it was given."""
         with self.transaction() as db:
             db.execute("DELETE FROM hosts WHERE id=?", (host_id,))
+            db.execute("UPDATE libvirt_certs SET revoked_at=? WHERE host_id=? AND revoked_at IS NULL",
+                       (now, host_id))
+
+    def revoked_libvirt_certs(self, now: float) -> list[tuple[str, float]]:
+        """(serial, revoked_at) of revoked libvirtd certificates not yet expired."""
+        rows = self.db.execute("SELECT serial, revoked_at FROM libvirt_certs "
+                               "WHERE revoked_at IS NOT NULL AND not_after > ? ORDER BY serial",
+                               (now,)).fetchall()
+        return [(r["serial"], r["revoked_at"]) for r in rows]
 
     def history(self, host_id: str, limit: int = 50) -> list[Event]:
         rows = self.db.execute(

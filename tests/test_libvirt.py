@@ -12,10 +12,11 @@ import libvirt
 import pytest
 from cryptography.x509.oid import NameOID
 
-from common import libvirt_events, pki
+from common import libvirt_events, pki, wire
 from common.files import write_atomic
 from server.ca import CertificateAuthority
 from tests.harness import Agent, Libvirtd, Server, free_port, wait_for
+from tests.test_enrollment import post
 
 pytestmark = pytest.mark.slow
 MakeAgent = Callable[..., Agent]
@@ -116,6 +117,27 @@ def test_forget_closes_the_connection(server: Server, libvirtd: Libvirtd,
     server.admin("hosts", "forget", host_id)
     wait_for(lambda: tls_clients(libvirtd) == 0, 10, "the connection to close")
     assert server.hosts() == []
+
+
+def test_forgotten_host_certificates_are_accepted_nowhere(server: Server, libvirtd: Libvirtd,
+                                                          make_agent: MakeAgent,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    agent = make_agent("hv-revoked", libvirtd)
+    host_id = online_host(server, agent, libvirtd)
+    # The server's own libvirt client, dialling the libvirtd that still serves the forgotten
+    # host's certificate: accepted before, refused after.
+    uri = f"qemu+tls://127.0.0.1:{libvirtd.tls_port}/system?pkipath={server.state / 'libvirt-client'}"
+    libvirt_events.start()
+    libvirt.open(uri).close()
+    server.admin("hosts", "forget", host_id)
+    agent.stop()
+    with pytest.raises(libvirt.libvirtError, match="Failed to verify peer's certificate"):
+        libvirt.open(uri)
+    assert "The certificate has been revoked" in capfd.readouterr().err  # libvirt's own log
+    # Its identity certificate can neither check in nor renew.
+    for path in (wire.CHECKIN_PATH, wire.RENEW_PATH):
+        status, body = post(server, path, b"{}", cert=agent.state / "identity.pem")
+        assert status == 403 and "not enrolled here" in body["message"], (path, body)
 
 
 def _pkipath(directory: Path, ca_pem: str, cert_pem: str, key_pem: bytes) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from agent.collectors import kvm
@@ -11,7 +13,7 @@ from common.backoff import Backoff
 from common.cli import duration
 from server.app import RateLimiter
 from server.hosts import Connection, derive
-from server.store import Host
+from server.store import Host, Store, Token
 
 
 def test_backoff_grows_caps_and_resets() -> None:
@@ -87,3 +89,18 @@ def test_durations() -> None:
     assert duration("90") == 90 and duration("15m") == 900 and duration("1h") == 3600
     with pytest.raises(Exception, match="not a duration"):
         duration("soon")
+
+
+def test_forgetting_a_host_revokes_all_its_unexpired_libvirt_certificates(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    store.add_token(Token(jti="t1", role="mixed", auto_enable=True, max_uses=5, uses=0, created_at=0,
+                          expires_at=1e12, revoked_at=None, description=""))
+    for host_id, serial in (("h1", "a1"), ("h2", "b1")):
+        store.enroll(_host(id=host_id, token_jti="t1", cert_serial=f"id-{host_id}",
+                           libvirt_cert_serial=serial, libvirt_cert_not_after=1000.0), now=10)
+    store.update_host("h1", libvirt_cert_serial="a2", libvirt_cert_not_after=2000.0)  # renewed
+    assert store.revoked_libvirt_certs(now=20) == []
+    store.forget_host("h1", now=30)
+    assert store.revoked_libvirt_certs(now=40) == [("a1", 30), ("a2", 30)]
+    assert store.revoked_libvirt_certs(now=1500) == [("a2", 30)]  # expired ones drop out
+    assert store.get_host("h2") is not None and store.host_by_serial("id-h1") is None
