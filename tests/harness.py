@@ -44,6 +44,14 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "con
         time.sleep(interval)
 
 
+def observed(what: str, since: float) -> float:
+    """Print how long something took (seconds since the monotonic `since`): the figures
+    docs/reliability.md quotes come from these lines (`pytest -s`)."""
+    seconds = time.monotonic() - since
+    print(f"observed: {what}: {seconds:.2f} s")
+    return seconds
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

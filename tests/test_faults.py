@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Agent, Libvirtd, Network, Server, free_port, wait_for
+from tests.harness import Agent, Libvirtd, Network, Server, free_port, observed, wait_for
 
 pytestmark = pytest.mark.slow
 GRACE = 4.0
@@ -92,12 +92,14 @@ def test_link_down_then_up(fleet: Fleet) -> None:
     down_at = time.monotonic()
     try:
         host = fleet.server.wait_status(host_id, "offline", GRACE + 10)
-        assert time.monotonic() - down_at >= GRACE - 1
+        assert observed(f"link down -> offline (grace {GRACE:.0f} s)", down_at) >= GRACE - 1
         assert "no check-in since" in host["detail"]
         assert all(fleet.server.status_of(o) == "online" for o in others)
     finally:
         fleet.net.link(ns, up=True)
+        up_at = time.monotonic()
     fleet.server.wait_status(host_id, "online", 45)
+    observed("link up -> online", up_at)
     assert agent.proc and agent.proc.alive()  # nothing was restarted
     history = [e["status"] for e in fleet.server.host(host_id)["history"]]
     assert "offline" in history and history[-1] == "online"
@@ -108,12 +110,16 @@ def test_link_down_then_up(fleet: Fleet) -> None:
 def test_libvirtd_killed_then_started(fleet: Fleet) -> None:
     _ns, lv, agent = fleet.hosts[1]
     host_id = agent.host_id()
+    killed_at = time.monotonic()
     lv.stop()
     host = wait_for(lambda: (h := fleet.server.host(host_id))["status"] == "error" and h, 10,
                     "error after libvirtd was killed")
+    observed("libvirtd killed -> error", killed_at)
     assert "libvirtd" in host["detail"]
     lv.start()
+    started_at = time.monotonic()
     fleet.server.wait_status(host_id, "online", 20)
+    observed("libvirtd started (ready) -> online", started_at)
     assert all_online(fleet)
 
 
@@ -123,9 +129,11 @@ def test_agent_killed_and_restarted_keeps_its_identity(fleet: Fleet) -> None:
     before = fleet.server.host(host_id)
     count = len(fleet.server.hosts())
     agent.stop(signal.SIGKILL)
+    restarted_at = time.monotonic()
     agent.start()
     wait_for(lambda: fleet.server.host(host_id)["last_checkin"] > before["last_checkin"] + 0.5, 15,
              "a check-in from the restarted agent")
+    observed("agent SIGKILLed, restarted -> its next check-in", restarted_at)
     after = fleet.server.host(host_id)
     assert after["enrolled_at"] == before["enrolled_at"]
     assert len(fleet.server.hosts()) == count and after["status"] == "online"
@@ -145,6 +153,7 @@ def test_server_killed_during_a_storm_loses_nothing(fleet: Fleet) -> None:
         server.proc.stop(signal.SIGKILL)
         results = [f.result() for f in futures]
     server.start()
+    restarted_at = time.monotonic()
     tokens_after = {t["id"]: t for t in server.admin_json("token", "list")}
     assert tokens_before <= set(tokens_after)
     assert len(tokens_after) == len(tokens_before) + len(joins)
@@ -157,6 +166,7 @@ def test_server_killed_during_a_storm_loses_nothing(fleet: Fleet) -> None:
     original = [a.host_id() for _n, _l, a in fleet.hosts]
     wait_for(lambda: all(server.status_of(h) == "online" for h in original), 30,
              "the original hosts online again")
+    observed("server SIGKILLed, restarted (ready) -> all hosts online", restarted_at)
     for agent in joiners:  # tidy: the storm hosts never had libvirt
         if (agent.state / "agent.json").exists():
             server.admin("hosts", "forget", agent.host_id(), check=False)
@@ -180,7 +190,8 @@ def test_two_hundred_hosts_enroll_at_once(server: Server) -> None:
     assert int(enrolled) == 200, out + err
     assert slowest < 5, f"admin status took {slowest:.1f} s during the burst"
     assert len(server.hosts()) == 200
-    print(f"200 enrollments in {seconds} s; slowest admin answer meanwhile {slowest:.2f} s")
+    print(f"observed: 200 enrollments at once: {seconds} s; slowest admin answer meanwhile "
+          f"{slowest:.2f} s")
 
 
 @pytest.mark.parametrize("skew", ["-5m", "+5m"])
