@@ -203,9 +203,11 @@ def test_agent_clock_five_minutes_off_still_joins_and_checks_in(
     seen = subprocess.run([sys.executable, "-c", "import time; print(time.time())"], env=os.environ
                           | faked, capture_output=True, text=True, check=True).stdout
     assert abs(abs(float(seen) - time.time()) - 300) < 10  # the agent's clock really is off
+    joined_at = time.monotonic()
     result = agent.join(server.token())
     assert result.returncode == 0, result.stderr
     agent.start()
     host = server.wait_status(agent.host_id(), "online", 20)
+    observed(f"clock {skew} off: join -> online", joined_at)
     first = host["last_checkin"]
     wait_for(lambda: server.host(agent.host_id())["last_checkin"] > first, 10, "more check-ins")

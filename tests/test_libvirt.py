@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from common import libvirt_events, pki, wire
 from common.files import write_atomic
 from server.ca import CertificateAuthority
-from tests.harness import Agent, Libvirtd, Server, free_port, wait_for
+from tests.harness import Agent, Libvirtd, Server, free_port, observed, wait_for
 from tests.test_enrollment import post
 
 pytestmark = pytest.mark.slow
@@ -114,8 +114,10 @@ def test_forget_closes_the_connection(server: Server, libvirtd: Libvirtd,
                                       make_agent: MakeAgent) -> None:
     agent = make_agent("hv-forget", libvirtd)
     host_id = online_host(server, agent, libvirtd)
+    forgotten_at = time.monotonic()
     server.admin("hosts", "forget", host_id)
     wait_for(lambda: tls_clients(libvirtd) == 0, 10, "the connection to close")
+    observed("forget -> libvirt connection closed", forgotten_at)
     assert server.hosts() == []
 
 
