@@ -31,25 +31,39 @@ examples:
 """
 
 
+def add_shared_options(parser: argparse.ArgumentParser, after_command: bool = False) -> None:
+    """Options every command takes, before or after its name (`--state-dir DIR status` and
+    `status --state-dir DIR` alike). After the name they have no default, so they
+    override what came before only when given."""
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if after_command else value
+
+    parser.add_argument("--config", type=Path, default=default(config_mod.DEFAULT_CONFIG),
+                        help=f"config file (default {config_mod.DEFAULT_CONFIG}; missing is fine)")
+    parser.add_argument("--state-dir", type=Path, default=default(None),
+                        help=f"identity and status (default {config_mod.DEFAULT_STATE_DIR})")
+    parser.add_argument("--log-level", default=default(None),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="virtfleet-agent", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="virtfleet host agent: enrolls this KVM host with a join token, sets up "
                     "libvirtd's TLS listener for the server, and checks in on its own.")
-    p.add_argument("--config", type=Path, default=config_mod.DEFAULT_CONFIG,
-                   help="config file (default %(default)s; missing is fine)")
-    p.add_argument("--state-dir", type=Path, default=None,
-                   help=f"identity and status (default {config_mod.DEFAULT_STATE_DIR})")
-    p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_shared_options(p)
+    shared = argparse.ArgumentParser(add_help=False)  # the same options, also after the command
+    add_shared_options(shared, after_command=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    j = sub.add_parser("join", help="enroll this host with a server, using a join string")
+    j = sub.add_parser("join", help="enroll this host with a server, using a join string",
+                       parents=[shared])
     j.add_argument("join", help="the join string printed by `virtfleet-server token create`")
     j.add_argument("--role", choices=wire.ROLES, help="this host's role (default: config, else mixed)")
     j.add_argument("--hostname", help="name to report (default: this machine's hostname)")
     j.add_argument("--force", action="store_true", help="join again even if already enrolled")
-    r = sub.add_parser("run", help="check in with the server until stopped (SIGTERM)")
+    r = sub.add_parser("run", help="check in with the server until stopped (SIGTERM)", parents=[shared])
     r.add_argument("--once", action="store_true", help="check in once and exit (0 if it worked)")
-    s = sub.add_parser("status", help="identity, server, and the last check-in")
+    s = sub.add_parser("status", help="identity, server, and the last check-in", parents=[shared])
     s.add_argument("--json", action="store_true", help="print JSON")
     return p
 

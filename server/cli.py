@@ -83,18 +83,31 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", number
 
 
+def add_shared_options(parser: argparse.ArgumentParser, after_command: bool = False) -> None:
+    """Options every command takes, before or after its name (`--state-dir DIR hosts list`
+    and `hosts list --state-dir DIR` alike). After the name they have no default, so they
+    override what came before only when given."""
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if after_command else value
+
+    state_dir = Path(os.environ.get("VIRTFLEET_SERVER_STATE_DIR", DEFAULT_STATE_DIR))
+    parser.add_argument("--state-dir", type=Path, default=default(state_dir),
+                        help=f"state directory: CAs, keys, database, admin socket (default {state_dir})")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print machine-readable JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="virtfleet-server", description="Central server for virtfleet: enrolls KVM hosts "
         "with join tokens and keeps a libvirt connection to each.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--state-dir", type=Path,
-                   default=Path(os.environ.get("VIRTFLEET_SERVER_STATE_DIR", DEFAULT_STATE_DIR)),
-                   help="state directory: CAs, keys, database, admin socket (default %(default)s)")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_shared_options(p)
+    shared = argparse.ArgumentParser(add_help=False)  # the same options, also after the command
+    add_shared_options(shared, after_command=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the server")
+    s = sub.add_parser("serve", help="run the server", parents=[shared])
     s.add_argument("--listen", type=parse_listen, default=("0.0.0.0", DEFAULT_PORT),
                    metavar="HOST:PORT", help=f"HTTPS address for agents (default 0.0.0.0:{DEFAULT_PORT})")
     s.add_argument("--advertise-url", default="", metavar="URL",
@@ -112,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("token", help="join tokens: create, list, revoke")
     tsub = t.add_subparsers(dest="token_command", required=True, metavar="ACTION")
-    tc = tsub.add_parser("create", help="create a join token and print the command for the host")
+    tc = tsub.add_parser("create", help="create a join token and print the command for the host",
+                         parents=[shared])
     tc.add_argument("--role", default="mixed", choices=["hypervisor", "disk_operations", "mixed"],
                     help="widest role a host may take with it (default mixed: any role)")
     tc.add_argument("--ttl", type=duration, default=3600.0, metavar="DURATION",
@@ -121,23 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--no-auto-enable", dest="auto_enable", action="store_false",
                     help="hosts joining with it wait as pending until `hosts enable`")
     tc.add_argument("--description", default="", help="a note for `token list`")
-    tsub.add_parser("list", help="list tokens and their state")
-    tr = tsub.add_parser("revoke", help="revoke a token: no more hosts join with it")
+    tsub.add_parser("list", help="list tokens and their state", parents=[shared])
+    tr = tsub.add_parser("revoke", help="revoke a token: no more hosts join with it", parents=[shared])
     tr.add_argument("id")
 
     h = sub.add_parser("hosts", help="hosts: list, show, enable, disable, forget, set-role")
     hsub = h.add_subparsers(dest="hosts_command", required=True, metavar="ACTION")
-    hsub.add_parser("list", help="every host with its status and last check-in")
+    hsub.add_parser("list", help="every host with its status and last check-in", parents=[shared])
     for name, text in [("show", "everything known about a host, with its status history"),
                        ("enable", "enable a host (approve a pending one): open its connection"),
                        ("disable", "disable a host: close its connection"),
                        ("forget", "remove a host; its certificate is refused from now on")]:
-        hp = hsub.add_parser(name, help=text)
+        hp = hsub.add_parser(name, help=text, parents=[shared])
         hp.add_argument("id", help="host id, unique id prefix or hostname")
-    sr = hsub.add_parser("set-role", help="override the role a host configured")
+    sr = hsub.add_parser("set-role", help="override the role a host configured", parents=[shared])
     sr.add_argument("id", help="host id, unique id prefix or hostname")
     sr.add_argument("role", choices=["hypervisor", "disk_operations", "mixed"])
-    sub.add_parser("status", help="the server's URL, CA pin and host counts")
+    sub.add_parser("status", help="the server's URL, CA pin and host counts", parents=[shared])
     return p
 
 

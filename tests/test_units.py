@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli import build_parser as agent_parser
 from agent.collectors import kvm
 from agent.collectors.host import parse_cpu_model
 from agent.runner import renewal_time
 from common.backoff import Backoff
 from common.cli import duration
 from server.app import RateLimiter
+from server.cli import build_parser as server_parser
 from server.hosts import Connection, derive
 from server.store import Host, Store, Token
 
@@ -104,3 +106,14 @@ def test_forgetting_a_host_revokes_all_its_unexpired_libvirt_certificates(tmp_pa
     assert store.revoked_libvirt_certs(now=40) == [("a1", 30), ("a2", 30)]
     assert store.revoked_libvirt_certs(now=1500) == [("a2", 30)]  # expired ones drop out
     assert store.get_host("h2") is not None and store.host_by_serial("id-h1") is None
+
+
+def test_shared_options_work_before_and_after_the_command() -> None:
+    # The forms the operator docs and issue use: `serve --state-dir DIR`, `join J --state-dir D`.
+    assert server_parser().parse_args(["serve", "--state-dir", "/s"]).state_dir == Path("/s")
+    args = server_parser().parse_args(["--state-dir", "/a", "hosts", "list", "--json"])
+    assert args.state_dir == Path("/a") and args.json
+    args = server_parser().parse_args(["--state-dir", "/a", "--json", "hosts", "show", "x"])
+    assert args.state_dir == Path("/a") and args.json  # not reset by the command's own defaults
+    assert agent_parser().parse_args(["join", "J", "--state-dir", "/d"]).state_dir == Path("/d")
+    assert agent_parser().parse_args(["--state-dir", "/d", "run"]).state_dir == Path("/d")
