@@ -14,6 +14,7 @@ import binascii
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,11 +30,15 @@ CA_PATH = "/v1/ca"
 ENROLL_PATH = "/v1/enroll"
 CHECKIN_PATH = "/v1/checkin"
 RENEW_PATH = "/v1/renew"
+OPENAPI_PATH = "/v1/openapi.json"  # this contract as an OpenAPI document (server/openapi.py)
 
 # A check-in with host facts is a few KiB; nothing legitimate comes near this.
 MAX_BODY_BYTES = 256 * 1024
 MAX_TEXT = 256  # default bound for a short string field
 MAX_PEM = 16 * 1024
+# Host facts are a few levels deep; a bound keeps hostile nesting away from every
+# recursive walk (json, dataclasses.asdict, the admin views) that would overflow the stack.
+MAX_DEPTH = 32
 
 ROLES = ("hypervisor", "disk_operations", "mixed")
 ROLE_CAPABILITIES: dict[str, frozenset[str]] = {
@@ -98,24 +103,38 @@ class JoinString:
         payload = text[len(JOIN_PREFIX) :]
         try:
             raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-            obj = json.loads(raw)
+            obj = load_json(raw, "its payload")
         except (binascii.Error, ValueError) as exc:
             raise WireError(f"join string is damaged (was it cut short?): {exc}") from None
         join = parse(cls, obj)
         _check_url(join.url)
-        if not join.ca_pin.startswith("sha256:") or len(join.ca_pin) != 71:
+        if not _PIN.fullmatch(join.ca_pin):
             raise WireError("join string: ca_pin must be 'sha256:' followed by 64 hex digits")
         return join
 
 
+_PIN = re.compile(r"sha256:[0-9a-f]{64}")
+
+
 def _check_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise WireError(f"join string: server url {url!r} must be https://HOST[:PORT]")
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme == "https" and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # "Invalid IPv6 URL", a port out of range
+        usable = False
+    if not usable:
+        raise WireError(f"join string: server url {url[:100]!r} must be https://HOST[:PORT]")
 
 
 # ---------------------------------------------------------------------------
 # Messages
+
+
+@dataclass(kw_only=True)
+class CaResponse:
+    """The identity CA, fetched untrusted before enrolling: the join string's pin vouches for it."""
+
+    ca_certificate: str = _text(MAX_PEM)
 
 
 @dataclass(kw_only=True)
@@ -217,7 +236,10 @@ def parse(cls: type[T], obj: Any, where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(obj) - set(fields))
     if unknown:
-        raise WireError(f"{where or 'body'}: unknown field(s) {', '.join(map(repr, unknown))}")
+        # Named back to the sender, so bounded: a refusal must not echo a whole body.
+        shown = ", ".join(repr(name[:40]) for name in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise WireError(f"{where or 'body'}: unknown field(s) {shown}{more}")
     values = {}
     for name, f in fields.items():
         path = f"{where}.{name}" if where else name
@@ -241,6 +263,7 @@ def _value(hint: Any, value: Any, path: str, meta: Any) -> Any:
     if hint is str:
         if not isinstance(value, str):
             raise WireError(f"{path}: expected a string, got {_kind(value)}")
+        _check_text(value, path)
         max_len = meta.get("max_len", MAX_TEXT)
         if len(value) > max_len:
             raise WireError(f"{path}: longer than {max_len} characters")
@@ -253,6 +276,8 @@ def _value(hint: Any, value: Any, path: str, meta: Any) -> Any:
             raise WireError(f"{path}: expected true or false, got {_kind(value)}")
         return value
     if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON has one kind of number: 2.0 is the integer 2 (JSON Schema agrees)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
             raise WireError(f"{path}: expected a whole number from 0 to 2^31, got {_kind(value)}")
         return value
@@ -263,8 +288,35 @@ def _value(hint: Any, value: Any, path: str, meta: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise WireError(f"{path}: expected a JSON object, got {_kind(value)}")
+        _check_tree(value, path)
         return value
     raise TypeError(f"wire: no rule for {hint!r} at {path}")  # a bug in this module
+
+
+def _check_text(value: str, path: str) -> None:
+    """JSON's \\uXXXX escapes can carry a lone surrogate, which no UTF-8 store, log or
+    terminal can take: refuse it here rather than fail later."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise WireError(f"{path}: not valid Unicode text (a lone surrogate escape)") from None
+
+
+def _check_tree(value: Any, path: str) -> None:
+    """A free-form JSON value (host facts): bounded depth and valid text throughout."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise WireError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            for key, item in node.items():
+                _check_text(key, path)
+                stack.append((item, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((item, depth + 1) for item in node)
+        elif isinstance(node, str):
+            _check_text(node, path)
 
 
 def _kind(value: Any) -> str:
@@ -282,8 +334,18 @@ def decode_body(cls: type[T], raw: bytes) -> T:
     """Parse an HTTP body: size, JSON, then schema."""
     if len(raw) > MAX_BODY_BYTES:
         raise WireError(f"body is {len(raw)} bytes, the limit is {MAX_BODY_BYTES}")
+    return parse(cls, load_json(raw, "body"))
+
+
+def load_json(raw: bytes, what: str) -> Any:
+    """Strict JSON (no NaN or Infinity) from untrusted bytes, or a WireError naming `what`."""
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise WireError(f"body is not valid JSON: {exc}") from None
-    return parse(cls, obj)
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise WireError(f"{what} is nested too deeply to be a virtfleet message") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise WireError(f"{what} is not valid JSON: {exc}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")

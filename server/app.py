@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import sqlite3
 import time
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from common import notify, wire
-from server import admin
+from server import admin, openapi
 from server.config import ServerConfig
 from server.fleet import Fleet, Refused, serial_of
 from server.http import FLEET, errors_middleware, fleet_of
@@ -73,16 +74,25 @@ class RateLimiter:
         self.buckets[key] = (tokens - 1, now)
         return True
 
+    def retry_after(self, key: str) -> int:
+        """Whole seconds until `key` may try again, for a refusal's Retry-After."""
+        if self.rate <= 0:  # `--enroll-rate 0`: the bucket never refills
+            return 3600
+        tokens, _ = self.buckets.get(key, (self.burst, 0.0))
+        return max(1, math.ceil((1 - tokens) / self.rate))
+
 
 async def get_ca(request: web.Request) -> web.Response:
-    return web.json_response({"ca_certificate": fleet_of(request).identity_ca.cert_pem})
+    return json_message(wire.CaResponse(ca_certificate=fleet_of(request).identity_ca.cert_pem))
 
 
 async def post_enroll(request: web.Request) -> web.Response:
     address = peer_address(request)
-    if not request.app[RATE].allow(address):
-        raise Refused(429, "rate_limited",
-                      "too many enrollments from this address; retry in a few seconds")
+    limiter: RateLimiter = request.app[RATE]
+    if not limiter.allow(address):
+        wait = limiter.retry_after(address)
+        raise Refused(429, "rate_limited", f"too many enrollments from this address; retry in {wait} s",
+                      headers={"Retry-After": str(wait)})
     req = await read_message(request, wire.EnrollRequest)
     if req.protocol != wire.PROTOCOL_VERSION:
         raise Refused(400, "protocol", f"protocol {req.protocol} is not supported "
@@ -115,6 +125,7 @@ def create_app(fleet: Fleet) -> web.Application:
     app.router.add_post(wire.ENROLL_PATH, post_enroll)
     app.router.add_post(wire.CHECKIN_PATH, post_checkin)
     app.router.add_post(wire.RENEW_PATH, post_renew)
+    app.router.add_get(wire.OPENAPI_PATH, openapi.get_openapi)
     app.cleanup_ctx.append(_background)
     return app
 

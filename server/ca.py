@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -37,22 +37,31 @@ class CSRError(ValueError):
     """A certificate request the server will not sign; the message says why."""
 
 
+# The NIST curves every TLS stack speaks; OpenSSL also parses weak and exotic ones.
+EC_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+
 def parse_csr(pem: str, what: str = "csr") -> x509.CertificateSigningRequest:
     try:
         csr = x509.load_pem_x509_csr(pem.encode())
     except ValueError:
         raise CSRError(f"{what}: not a PEM certificate signing request") from None
     try:
+        key = csr.public_key()
+    except (UnsupportedAlgorithm, ValueError):  # SM2, secp112r1, explicit curve parameters ...
+        raise CSRError(f"{what}: its key type or curve is not accepted (use ECDSA P-256)") from None
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
+        raise CSRError(f"{what}: RSA keys must have at least 2048 bits")
+    if isinstance(key, ec.EllipticCurvePublicKey) and not isinstance(key.curve, EC_CURVES):
+        raise CSRError(f"{what}: elliptic curve {key.curve.name} is not accepted (use P-256)")
+    if not isinstance(key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, rsa.RSAPublicKey)):
+        raise CSRError(f"{what}: key type {type(key).__name__} is not accepted")
+    try:
         valid = csr.is_signature_valid
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError):
         valid = False
     if not valid:
         raise CSRError(f"{what}: its signature does not match its public key")
-    key = csr.public_key()
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
-        raise CSRError(f"{what}: RSA keys must have at least 2048 bits")
-    if not isinstance(key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, rsa.RSAPublicKey)):
-        raise CSRError(f"{what}: key type {type(key).__name__} is not accepted")
     return csr
 
 

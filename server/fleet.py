@@ -34,11 +34,14 @@ LIBVIRT_CLIENT_CN = "virtfleet-server libvirt client"
 
 
 class Refused(Exception):
-    """A request the server understood and will not carry out: (HTTP status, code, reason)."""
+    """A request the server understood and will not carry out: (HTTP status, code, reason),
+    with any headers the refusal needs (Retry-After)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
 
 
 @dataclass

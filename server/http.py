@@ -21,8 +21,9 @@ def fleet_of(request: web.Request) -> Fleet:
     return request.app[FLEET]  # type: ignore[no-any-return]
 
 
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
+def error_response(status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
 
 
 @web.middleware
@@ -31,7 +32,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except Refused as exc:
-        return error_response(exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
     except wire.WireError as exc:
         return error_response(400, "bad_request", str(exc))
     except web.HTTPRequestEntityTooLarge:
@@ -40,7 +41,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        # A 405 must say which methods the path has (RFC 9110); keep aiohttp's Allow.
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, allow)
     except sqlite3.OperationalError as exc:
         log.error("state store failed on %s %s: %s", request.method, request.path, exc)
         return error_response(503, "store_unavailable",

@@ -101,6 +101,10 @@ class TokenSigner:
             raise TokenError("join token is not meant for enrollment (wrong audience)") from None
         except jwt.PyJWTError as exc:
             raise TokenError(f"join token is not valid: {exc}") from None
+        except (TypeError, ValueError, OverflowError):
+            # PyJWT 2.6 lets some malformed input escape as plain errors: a lone surrogate
+            # in the token, `"iat": "1"`, `"exp": Infinity`.
+            raise TokenError("join token is not valid: it is not a well-formed JWT") from None
         role = payload.get("role")
         if role not in wire.ROLES or not isinstance(payload.get("auto_enable"), bool):
             raise TokenError("join token lacks a valid role or auto_enable claim")
