@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 from common import pki, wire
 from server import ca
 from server.tokens import TokenError, TokenSigner
+from tests.conftest import FAST
 from tests.harness import Agent, Server
 from tests.test_enrollment import claims
 
@@ -378,3 +379,117 @@ def test_schemathesis_finds_no_server_error_and_changes_nothing(
     assert [identity_of(h) for h in after["hosts"]] == [identity_of(h) for h in before["hosts"]]
     assert {t["id"]: t["uses"] for t in after["tokens"]}[spare] == 0
     assert_no_crash(server)
+
+
+def enroll_body(token: str, key: ec.EllipticCurvePrivateKey, **overrides: Any) -> bytes:
+    return json.dumps({"token": token, "csr": pki.make_csr(key, "x"), "report": REPORT}
+                      | overrides).encode()
+
+
+def checkin_body(**report: Any) -> bytes:
+    return json.dumps({"report": REPORT | report}).encode()
+
+
+def test_hostile_bodies_get_a_clear_4xx_and_change_nothing(server: Server,
+                                                           make_agent: MakeAgent) -> None:
+    agent = make_agent("target", None)
+    assert agent.join(server.token()).returncode == 0
+    cert = agent.state / "identity.pem"
+    token = wire.JoinString.decode(server.token("--uses", "5")).token
+    key = pki.new_key()
+    cases = [
+        (wire.ENROLL_PATH, b"[" * 100_000, None, 400, "nested too deeply"),
+        (wire.ENROLL_PATH, enroll_body("\ud800", key), None, 400, "token: not valid Unicode"),
+        (wire.ENROLL_PATH, enroll_body("t" * 5000, key), None, 400, "token: longer than 4096"),
+        (wire.ENROLL_PATH, enroll_body(token, key, csr=CSR_SECP112R1), None, 400, "curve is not accepted"),
+        (wire.ENROLL_PATH, enroll_body(token, key, csr=CSR_SM2), None, 400, "curve is not accepted"),
+        (wire.ENROLL_PATH, enroll_body(token, key, csr=csr_with_foreign_key()), None, 400,
+         "signature does not match"),
+        (wire.ENROLL_PATH, enroll_body(token, key, protocol=2.0), None, 400, "protocol 2 is not supported"),
+        (wire.CHECKIN_PATH, checkin_body(hostname="\ud800"), cert, 400, "report.hostname: not valid Unicode"),
+        (wire.CHECKIN_PATH, checkin_body(facts={"a": json.loads("[" * 40 + "]" * 40)}), cert, 400,
+         "nested deeper than 32"),
+        (wire.CHECKIN_PATH, checkin_body(facts={"load": float("nan")}), cert, 400,
+         "NaN is not a JSON number"),
+        (wire.RENEW_PATH, json.dumps({"csr": CSR_SM2}).encode(), cert, 400, "curve is not accepted"),
+        (wire.RENEW_PATH, json.dumps({"csr": "x" * 200_000}).encode(), None, 401, "client certificate"),
+    ]
+    before = records(server)
+    for path, body, with_cert, status, words in cases:
+        got, _, answer = call(server, path, body, cert=with_cert)
+        assert (got, set(answer)) == (status, {"error", "message"}), (path, body[:80], answer)
+        assert words in answer["message"] and "Traceback" not in answer["message"], answer
+    assert records(server) == before
+    assert_no_crash(server)
+
+
+def test_a_refused_large_body_does_not_stall_the_connection(server: Server) -> None:
+    """A refusal sent before the body was read (no client certificate) used to leave the
+    keep-alive connection stuck, so the client's next call got no answer for 10 s."""
+    big = json.dumps({"csr": "x" * 200_000}).encode()
+    with requests.Session() as session:
+        for _ in range(12):
+            answer = session.post(server.url + wire.RENEW_PATH, data=big, timeout=5,
+                                  verify=str(server.state / "identity" / "ca.crt"))
+            assert answer.status_code == 401
+
+
+def test_wrong_method_names_the_allowed_ones(server: Server) -> None:
+    status, headers, answer = call(server, wire.CA_PATH, b"{}")
+    assert status == 405 and headers["Allow"] == "GET,HEAD" and answer["error"] == "method_not_allowed"
+
+
+def write_identity(path: Path, key: ec.EllipticCurvePrivateKey, certificate: str) -> Path:
+    path.write_bytes(pki.key_pem(key) + certificate.encode())
+    return path
+
+
+def test_replays_are_refused_and_change_nothing(server: Server, tmp_path: Path) -> None:
+    """An enrollment replayed byte for byte finds its single-use token spent. A check-in has
+    no nonce: TLS stops replays of recorded traffic, and the body names no host (the client
+    certificate does), so a replay needs a certificate the server still accepts — a retired
+    one is refused."""
+    key = pki.new_key()
+    enrollment = enroll_body(wire.JoinString.decode(server.token()).token, key)
+    status, _, enrolled = call(server, wire.ENROLL_PATH, enrollment)
+    assert status == 200
+    old = write_identity(tmp_path / "old.pem", key, enrolled["identity"]["certificate"])
+    checkin = checkin_body(hostname="first")
+    assert call(server, wire.CHECKIN_PATH, checkin, cert=old)[0] == 200
+    # Renewed, and the new certificate used once: the old one is retired.
+    new_key = pki.new_key()
+    status, _, renewed = call(server, wire.RENEW_PATH,
+                              json.dumps({"csr": pki.make_csr(new_key, "x")}).encode(), cert=old)
+    assert status == 200
+    new = write_identity(tmp_path / "new.pem", new_key, renewed["certificate"])
+    assert call(server, wire.CHECKIN_PATH, checkin_body(hostname="renewed"), cert=new)[0] == 200
+    before = records(server)
+    replays = [(wire.ENROLL_PATH, enrollment, None, 403, "already used (1 of 1 uses)"),
+               (wire.CHECKIN_PATH, checkin, old, 403, "not enrolled here"),
+               (wire.CHECKIN_PATH, checkin, None, 401, "client certificate")]
+    for path, body, cert, status, words in replays:
+        got, _, answer = call(server, path, body, cert=cert)
+        assert got == status and words in answer["message"], answer
+    assert records(server) == before
+    assert [h["hostname"] for h in before["hosts"]] == ["renewed"]
+
+
+def test_enrollment_rate_limit_is_per_source_address(start_server: Callable[..., Server]) -> None:
+    server = start_server(*FAST, "--enroll-rate", "0.1")  # a bucket of 1, refilled every 10 s
+    assert call(server, wire.ENROLL_PATH, b"{}")[0] == 400
+    status, headers, answer = call(server, wire.ENROLL_PATH, b"{}")
+    assert status == 429 and answer["error"] == "rate_limited"
+    assert 1 <= int(headers["Retry-After"]) <= 10 and headers["Retry-After"] + " s" in answer["message"]
+    # Another address is still served (all of 127/8 is this machine's loopback).
+    assert call(server, wire.ENROLL_PATH, b"{}", source="127.0.0.2")[0] == 400
+    assert call(server, wire.ENROLL_PATH, b"{}")[0] == 429
+
+
+def test_log_lines_cannot_be_forged_by_a_host(server: Server, make_agent: MakeAgent) -> None:
+    agent = make_agent("liar", None)
+    assert agent.join(server.token()).returncode == 0
+    forged = "1999-01-01 00:00:00,000 virtfleet-server INFO host evil enrolled"
+    body = json.dumps({"report": REPORT | {"libvirtd": {"ok": False, "error": "x\n" + forged}}})
+    assert call(server, wire.CHECKIN_PATH, body.encode(), cert=agent.state / "identity.pem")[0] == 200
+    log = server.proc.log()
+    assert "x\\n1999-01-01" in log and not any(line.startswith("1999") for line in log.splitlines())
