@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -44,7 +44,7 @@ EC_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 def parse_csr(pem: str, what: str = "csr") -> x509.CertificateSigningRequest:
     try:
         csr = x509.load_pem_x509_csr(pem.encode())
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion is no ValueError
         raise CSRError(f"{what}: not a PEM certificate signing request") from None
     try:
         key = csr.public_key()
@@ -58,8 +58,8 @@ def parse_csr(pem: str, what: str = "csr") -> x509.CertificateSigningRequest:
         raise CSRError(f"{what}: key type {type(key).__name__} is not accepted")
     try:
         valid = csr.is_signature_valid
-    except (InvalidSignature, UnsupportedAlgorithm, ValueError):
-        valid = False
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError, InternalError):
+        valid = False  # InternalError: OpenSSL re-parses the request and refuses what Rust took
     if not valid:
         raise CSRError(f"{what}: its signature does not match its public key")
     return csr
