@@ -38,15 +38,20 @@ def event(log: logging.Logger, name: str, msg: str, *args: Any, level: int = log
     log.log(level, msg, *args, extra=extra)
 
 
+# Hostnames and libvirt errors come from hosts: escaped, a newline in one cannot forge a
+# log line. A traceback (record.exc_text) keeps its lines.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {ord("\n"): "\\n", ord("\r"): "\\r"}
+
+
 class _StderrFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
         fields = [
             f"{k[len('VIRTFLEET_'):].lower()}={v}"
             for k, v in vars(record).items()
             if k.startswith("VIRTFLEET_")
         ]
-        return line + (" [" + " ".join(fields) + "]" if fields else "")
+        return (line + (" [" + " ".join(fields) + "]" if fields else "")).translate(_CONTROL)
 
 
 def journal_available() -> bool:
