@@ -255,7 +255,16 @@ def hosts_command(args: argparse.Namespace, state: Path) -> int:
 
 
 def describe_facts(name: str, result: dict[str, Any]) -> str:
-    """One line per collector, in words; a failed collector shows its error."""
+    """One line per collector, in words; a failed collector shows its error. Facts are
+    whatever the host sent: a shape this code does not expect is shown as such, and never
+    stops `hosts show`."""
+    try:
+        return _describe_facts(name, result)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return _short(f"(facts in an unexpected shape) {json.dumps(result)}", 100)
+
+
+def _describe_facts(name: str, result: dict[str, Any]) -> str:
     if not result.get("ok"):
         return f"FAILED: {result.get('error')}"
     d = result.get("data") or {}

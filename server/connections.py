@@ -255,8 +255,7 @@ class ConnectionManager:
         try:
             conn.getDomainCapabilities(None, None, None, "kvm", 0)
         except libvirt.libvirtError as exc:
-            kvm = (report.get("facts") or {}).get("kvm") or {}
-            cause = (kvm.get("data") or {}).get("problem") or exc.get_error_message()
+            cause = _reported_kvm_problem(report) or exc.get_error_message()
             return (f"role {role} needs KVM, and KVM is not usable on this host: {cause}. "
                     "Fix KVM on the host or set its role to disk_operations.")
         return ""
@@ -336,6 +335,15 @@ class ConnectionManager:
         write_atomic(self.pki_dir / "clientkey.pem", pki.key_pem(key), mode=0o600)
         write_atomic(cert_path, pki.cert_pem(cert))
         write_atomic(self.pki_dir / "cacert.pem", ca.cert_pem)
+
+
+def _reported_kvm_problem(report: dict[str, Any]) -> str:
+    """The agent's words for why KVM is unusable, if its report (free-form facts, so any
+    shape) has them."""
+    found: Any = report
+    for key in ("facts", "kvm", "data", "problem"):
+        found = found.get(key) if isinstance(found, dict) else None
+    return found if isinstance(found, str) else ""
 
 
 CLOSE_REASONS = {

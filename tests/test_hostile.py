@@ -495,3 +495,17 @@ def test_log_lines_cannot_be_forged_by_a_host(server: Server, make_agent: MakeAg
     assert call(server, wire.CHECKIN_PATH, body.encode(), cert=agent.state / "identity.pem")[0] == 200
     log = server.proc.log()
     assert "x\\n1999-01-01" in log and not any(line.startswith("1999") for line in log.splitlines())
+
+
+def test_facts_in_any_shape_never_break_hosts_show(server: Server, make_agent: MakeAgent) -> None:
+    """Facts are free-form JSON the host sends; odd shapes are shown as such."""
+    agent = make_agent("odd", None)
+    assert agent.join(server.token()).returncode == 0
+    odd = {"host": {"ok": True, "data": {"memory_total": "lots", "load": 3}},
+           "kvm": {"ok": True, "data": "yes"}, "libvirtd": {"ok": True, "data": {"storage_pools": [1]}}}
+    status, _, _ = call(server, wire.CHECKIN_PATH, checkin_body(facts=odd),
+                        cert=agent.state / "identity.pem")
+    assert status == 200
+    shown = server.admin("hosts", "show", agent.host_id()).stdout
+    assert shown.count("facts in an unexpected shape") == 3 and "history:" in shown
+    assert_no_crash(server)

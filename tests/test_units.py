@@ -14,6 +14,7 @@ from common.backoff import Backoff
 from common.cli import duration
 from server.app import RateLimiter
 from server.cli import build_parser as server_parser
+from server.connections import _reported_kvm_problem
 from server.hosts import Connection, derive
 from server.store import Host, Store, Token
 
@@ -117,3 +118,11 @@ def test_shared_options_work_before_and_after_the_command() -> None:
     assert args.state_dir == Path("/a") and args.json  # not reset by the command's own defaults
     assert agent_parser().parse_args(["join", "J", "--state-dir", "/d"]).state_dir == Path("/d")
     assert agent_parser().parse_args(["--state-dir", "/d", "run"]).state_dir == Path("/d")
+
+
+def test_reported_kvm_problem_takes_any_shape() -> None:
+    problem = {"facts": {"kvm": {"ok": True, "data": {"problem": "disabled in the BIOS"}}}}
+    assert _reported_kvm_problem(problem) == "disabled in the BIOS"
+    for odd in ({}, {"facts": "x"}, {"facts": {"kvm": "x"}}, {"facts": {"kvm": {"data": [1]}}},
+                {"facts": {"kvm": {"data": {"problem": 5}}}}):
+        assert _reported_kvm_problem(odd) == ""
