@@ -16,12 +16,15 @@ from common import wire
 
 T = TypeVar("T")
 TIMEOUT = aiohttp.ClientTimeout(total=20, connect=10)
+MAX_RETRY_AFTER = 300.0  # a server asking for more is treated as asking for this
 
 
 class ServerError(Exception):
-    def __init__(self, message: str, status: int | None = None, code: str = "") -> None:
+    def __init__(self, message: str, status: int | None = None, code: str = "",
+                 retry_after: float = 0.0) -> None:
         super().__init__(message)
         self.status, self.code = status, code
+        self.retry_after = retry_after  # seconds the server asked us to wait (Retry-After)
 
     @property
     def retryable(self) -> bool:
@@ -39,7 +42,7 @@ async def call(session: aiohttp.ClientSession, url: str, body: Any, answer: type
         async with session.post(url, json=body, ssl=ssl_ctx) as resp:
             raw = await resp.read()
             if resp.status >= 400:
-                raise _refusal(resp.status, raw)
+                raise _refusal(resp.status, raw, resp.headers.get("Retry-After", ""))
     except aiohttp.ClientSSLError as exc:
         raise ServerError(f"TLS with {url} failed: {exc}") from None
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -50,12 +53,13 @@ async def call(session: aiohttp.ClientSession, url: str, body: Any, answer: type
         raise ServerError(f"the server's answer does not follow the protocol: {exc}", 502) from None
 
 
-def _refusal(status: int, raw: bytes) -> ServerError:
+def _refusal(status: int, raw: bytes, retry_after: str) -> ServerError:
+    wait = min(float(retry_after), MAX_RETRY_AFTER) if retry_after.isdigit() else 0.0
     try:
         body = json.loads(raw)
-        return ServerError(str(body["message"]), status, str(body.get("error", "")))
+        return ServerError(str(body["message"]), status, str(body.get("error", "")), wait)
     except (ValueError, KeyError, TypeError):
-        return ServerError(f"HTTP {status}", status)
+        return ServerError(f"HTTP {status}", status, retry_after=wait)
 
 
 async def fetch_ca(url: str) -> str:

@@ -110,7 +110,7 @@ async def enroll_request(url: str, request: wire.EnrollRequest, ctx: ssl.SSLCont
                 busy = exc.status is not None and exc.retryable
                 if busy and time.monotonic() < deadline:
                     log.info("server busy (%s); retrying", exc)
-                    await backoff.wait()
+                    await backoff.wait(exc.retry_after)
                     continue
                 if exc.status is not None and 400 <= exc.status < 500:
                     raise JoinError(f"the server refused to enroll this host: {exc}") from None

@@ -116,7 +116,7 @@ class Runner:
             notify.watchdog()  # the loop is healthy; the server said no
             notify.status(f"refused by the server: {exc}")
             return REFUSED_WAIT
-        delay = self.backoff.next_delay()
+        delay = self.backoff.next_delay(exc.retry_after)
         log.warning("check-in failed (%s); retrying in %.1f s", exc, delay)
         self._record(None, ok=False, error=str(exc))
         notify.status(f"cannot check in: {exc}; retrying in {delay:.0f} s")

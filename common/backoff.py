@@ -26,14 +26,15 @@ class Backoff:
         self._rand = rand
         self._sleep = sleep
 
-    def next_delay(self) -> float:
-        """Delay before the next try after one more failure: uniform in [ceil/2, ceil]."""
+    def next_delay(self, at_least: float = 0.0) -> float:
+        """Delay before the next try after one more failure: uniform in [ceil/2, ceil], or
+        `at_least` when that is longer (a server's Retry-After)."""
         ceiling = min(self.cap, self.base * 2**self.failures)
         self.failures += 1
-        return ceiling / 2 + self._rand() * ceiling / 2
+        return max(at_least, ceiling / 2 + self._rand() * ceiling / 2)
 
-    async def wait(self) -> float:
-        delay = self.next_delay()
+    async def wait(self, at_least: float = 0.0) -> float:
+        delay = self.next_delay(at_least)
         await self._sleep(delay)
         return delay
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import build_parser as agent_parser
+from agent.client import MAX_RETRY_AFTER, _refusal
 from agent.collectors import kvm
 from agent.collectors.host import parse_cpu_model
 from agent.runner import renewal_time
@@ -29,6 +30,19 @@ def test_backoff_grows_caps_and_resets() -> None:
 def test_backoff_jitter_stays_within_half_to_full() -> None:
     low = Backoff(base=4, cap=60, rand=lambda: 0.0)
     assert low.next_delay() == 2
+
+
+def test_backoff_waits_at_least_what_the_server_asked() -> None:
+    b = Backoff(base=1, cap=8, rand=lambda: 1.0)
+    assert [b.next_delay(at_least=5), b.next_delay(), b.next_delay(at_least=0.5)] == [5, 2, 4]
+
+
+def test_retry_after_is_read_and_bounded() -> None:
+    body = b'{"error": "rate_limited", "message": "slow down"}'
+    assert _refusal(429, body, "7").retry_after == 7
+    assert _refusal(429, body, "86400").retry_after == MAX_RETRY_AFTER
+    assert _refusal(429, body, "").retry_after == 0
+    assert _refusal(503, b"not json", "soon").retry_after == 0
 
 
 def test_renewal_between_70_and_90_percent() -> None:
