@@ -4,7 +4,8 @@
   something changed (a coalescing `early` event), or a jittered backoff after a failure;
 - libvirtd watch: while the local libvirtd is down, probe it every second so its return
   is reported at once, not at the next tick;
-- certificate renewal at a jittered 70-90 % of the identity certificate's lifetime.
+- certificate renewal at a jittered 70-90 % of the identity certificate's lifetime;
+- systemd's watchdog: pinged while the check-in loop is alive and no check-in hangs.
 
 `start()` and `shutdown()` are the whole interface; shutdown cancels and awaits all.
 """
@@ -34,11 +35,19 @@ log = logging.getLogger(__name__)
 
 REFUSED_WAIT = 300.0  # identity refused: retrying is noise, but do notice a re-enable
 LIBVIRTD_PROBE = 1.0
+# A check-in (with a renewal and a libvirtd restart) running longer than this hangs:
+# the watchdog pings stop and systemd restarts the agent.
+HUNG_CHECKIN = 180.0
 
 
 def renewal_time(issued: float, not_after: float, jitter: float) -> float:
     """When to renew: at 70-90 % of the lifetime (jitter in [0, 1]), as client-go does."""
     return issued + (not_after - issued) * (0.7 + 0.2 * jitter)
+
+
+def _clock(when: float | None) -> str:
+    """A time of day for STATUS= lines: unlike "N s ago" it stays true until replaced."""
+    return time.strftime("%H:%M:%S", time.localtime(when)) if when else "never"
 
 
 class Runner:
@@ -53,12 +62,16 @@ class Runner:
         self._jitter = random.random()
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._checkin_since: float | None = None  # monotonic start of the running check-in
         self.last: dict[str, Any] = state.load_status()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._tasks = [asyncio.create_task(self._checkin_loop(), name="checkin"),
                        asyncio.create_task(self._libvirtd_watch(), name="libvirtd-watch")]
+        interval = notify.watchdog_interval()
+        if interval is not None:
+            self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
 
     async def shutdown(self) -> None:
         for task in self._tasks:
@@ -83,7 +96,9 @@ class Runner:
     async def _checkin_loop(self) -> None:
         while True:
             self.early.clear()
+            self._checkin_since = time.monotonic()
             delay = await self.checkin_once()
+            self._checkin_since = None
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.early.wait(), delay)
 
@@ -96,9 +111,9 @@ class Runner:
             return self._failed(exc)
         self.backoff.reset()
         self._record(report, ok=True, status=answer.status, detail=answer.detail)
-        notify.watchdog()
-        notify.status(f"{answer.status} as {report.hostname} ({answer.host_id}), "
-                      f"last check-in {time.strftime('%H:%M:%S')}")
+        detail = "" if answer.status == "online" else f": {answer.detail}"
+        notify.status(f"{answer.status} as {report.hostname} (host {answer.host_id}){detail}; "
+                      f"last check-in {_clock(time.time())}")
         if answer.renew or time.time() >= self._renew_at():
             await self.renew()
         return answer.checkin_interval
@@ -113,15 +128,14 @@ class Runner:
                   level=logging.ERROR, host_id=self.enrollment.host_id, reason=str(exc))
             self._record(None, ok=False, error=f"{exc} (re-join with a new token: "
                                                  "virtfleet-agent join --force '<JOIN>')")
-            notify.watchdog()  # the loop is healthy; the server said no
-            notify.status(f"refused by the server: {exc}")
+            notify.status(f"refused by the server: {exc}; join again with a new token: "
+                          "virtfleet-agent join --force '<JOIN>'")
             return REFUSED_WAIT
         delay = self.backoff.next_delay(exc.retry_after)
         log.warning("check-in failed (%s); retrying in %.1f s", exc, delay)
         self._record(None, ok=False, error=str(exc))
-        notify.status(f"cannot check in: {exc}; retrying in {delay:.0f} s")
-        if exc.status is not None:
-            notify.watchdog()  # the server answered: our side is working
+        notify.status(f"cannot check in with {self.enrollment.server_url}: {exc}; next try at "
+                      f"{_clock(time.time() + delay)}, last success {_clock(self.last.get('last_success'))}")
         return delay
 
     def _record(self, report: wire.Report | None, ok: bool, **fields: Any) -> None:
@@ -142,6 +156,21 @@ class Runner:
         if not_after > dt.datetime.now(dt.timezone.utc):
             return None
         return not_after.isoformat(timespec="seconds")
+
+    # -- systemd's watchdog --------------------------------------------------------
+
+    def _healthy(self) -> bool:
+        """Every loop runs and no check-in hangs. A server that is down or refuses this
+        host is not the agent's illness: a restart would not cure it."""
+        since = self._checkin_since
+        return (all(not task.done() for task in self._tasks)
+                and (since is None or time.monotonic() - since < HUNG_CHECKIN))
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            if self._healthy():
+                notify.watchdog()
+            await asyncio.sleep(interval)
 
     # -- libvirtd watch -------------------------------------------------------------
 

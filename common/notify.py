@@ -27,5 +27,15 @@ def watchdog() -> None:
     _send("WATCHDOG=1")
 
 
+def watchdog_interval() -> float | None:
+    """How often to ping (half the unit's WatchdogSec=), or None when no watchdog is
+    set for this process (as sd_watchdog_enabled reads WATCHDOG_USEC and WATCHDOG_PID)."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2_000_000
+
+
 def stopping() -> None:
     _send("STOPPING=1\nSTATUS=shutting down")

@@ -143,14 +143,31 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _sweep_forever(fleet: Fleet) -> None:
+    """Also systemd's watchdog: pinged while sweeps work and the event loop answers."""
     interval = min(1.0, fleet.config.grace / 4)
+    shown = ""
     while True:
         try:
             fleet.status.sweep()
             notify.watchdog()
+            summary = _summary(fleet)
+            if summary != shown:
+                notify.status(summary)
+                shown = summary
         except sqlite3.Error as exc:
             log.error("offline sweep failed: %s", exc)
         await asyncio.sleep(interval)
+
+
+def _summary(fleet: Fleet) -> str:
+    """The STATUS= line: e.g. "serving https://vdi:8443; 3 hosts: 2 online, 1 error"."""
+    counts: dict[str, int] = {}
+    for _, _, status, _ in fleet.store.liveness():
+        counts[status] = counts.get(status, 0) + 1
+    hosts = sum(counts.values())
+    by_status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return (f"serving {fleet.config.url}; {hosts} host{'' if hosts == 1 else 's'}"
+            + (f": {by_status}" if hosts else ""))
 
 
 async def serve(config: ServerConfig) -> None:
