@@ -151,12 +151,14 @@ async def cmd_run(config: AgentConfig, state: State, config_path: Path,
     crashed = asyncio.create_task(runner.wait())
     await asyncio.wait([stopper, crashed], return_when=asyncio.FIRST_COMPLETED)
     notify.stopping()
-    await runner.shutdown()
+    # Read before shutdown: shutdown cancels the loops, and `crashed` with them.
+    failure = crashed.exception() if crashed.done() else None
     stopper.cancel()
-    if crashed.done() and crashed.exception():
-        log.error("agent loop failed: %r", crashed.exception())
-        return 1
     crashed.cancel()
+    await runner.shutdown()
+    if failure:
+        log.error("agent loop failed: %r", failure)
+        return 1
     return 0
 
 

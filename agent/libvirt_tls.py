@@ -7,18 +7,25 @@ listener on, and lets in only the server's libvirt client identity
 stops and says which file and how to proceed. Then libvirtd is made to pick it up:
 `libvirtd-tls.socket` where systemd runs libvirtd, the configured restart command
 otherwise.
+
+What was set up is kept in a ledger in the state dir, in lines plain shell can read,
+so `apt purge virtfleet-agent` undoes it (debian/virtfleet-agent.postrm) after the
+agent's code is gone:
+    file SHA256 PATH    a file we wrote, as we wrote it (a changed file is not ours)
+    conf PATH           the libvirtd.conf holding our block
+    unit NAME           a systemd unit we enabled
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
 import shlex
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import LibvirtConfig
@@ -35,11 +42,40 @@ class TLSSetupError(Exception):
     pass
 
 
+@dataclass
+class Ledger:
+    files: dict[str, str] = field(default_factory=dict)  # path -> sha256 as written
+    conf: str | None = None
+    units: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str) -> Ledger:
+        ledger = cls()
+        for line in text.splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind == "file":
+                digest, _, path = rest.partition(" ")
+                ledger.files[path] = digest
+            elif kind == "conf":
+                ledger.conf = rest
+            elif kind == "unit" and rest not in ledger.units:
+                ledger.units.append(rest)
+        return ledger
+
+    def render(self) -> str:
+        lines = ["# What virtfleet-agent set up for libvirtd's TLS listener; purging the",
+                 "# virtfleet-agent package undoes it. Written by the agent: do not edit."]
+        lines += [f"file {digest} {path}" for path, digest in self.files.items()]
+        lines += [f"conf {self.conf}"] if self.conf else []
+        lines += [f"unit {unit}" for unit in self.units]
+        return "\n".join(lines) + "\n"
+
+
 class LibvirtTLS:
     def __init__(self, config: LibvirtConfig, state_dir: Path | None = None) -> None:
         self.config = config
         # sha256 of every file we wrote, to tell ours from the admin's
-        self._ledger = (state_dir or Path("/nonexistent")) / "managed-files.json"
+        self._ledger = (state_dir or Path("/nonexistent")) / "libvirt-tls.ledger"
 
     def configured(self) -> bool:
         """Whether libvirtd's TLS listener is set up by us (so the server can dial it)."""
@@ -54,7 +90,7 @@ class LibvirtTLS:
         """Refuse before enrolling (and spending the token) if the set-up cannot succeed."""
         ledger = self._load_ledger()
         for path in (self.config.key_file, self.config.cert_file, self.config.ca_file):
-            if path.exists() and ledger.get(str(path)) != _digest(path.read_bytes()):
+            if path.exists() and ledger.files.get(str(path)) != _digest(path.read_bytes()):
                 raise TLSSetupError(self._not_ours(path))
         self._conf_without_block()
 
@@ -73,12 +109,12 @@ class LibvirtTLS:
             current = path.read_bytes()
             if current == data:
                 return False
-            if ledger.get(str(path)) != _digest(current):
+            if ledger.files.get(str(path)) != _digest(current):
                 raise TLSSetupError(self._not_ours(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data, mode=mode)
-        ledger[str(path)] = _digest(data)
-        write_atomic(self._ledger, json.dumps(ledger, indent=2) + "\n", mode=0o600)
+        ledger.files[str(path)] = _digest(data)
+        self._save_ledger(ledger)
         return True
 
     def _not_ours(self, path: Path) -> str:
@@ -114,12 +150,20 @@ class LibvirtTLS:
         new = outside.rstrip("\n") + ("\n\n" if outside.strip() else "") + block + "\n"
         if new == text:
             return False
+        ledger = self._load_ledger()
+        if ledger.conf != str(c.conf):
+            ledger.conf = str(c.conf)
+            self._save_ledger(ledger)
         write_atomic(c.conf, new, mode=0o644)
         return True
 
     def apply(self) -> str:
         """Make libvirtd serve TLS with the new files; returns what was done."""
         if Path("/run/systemd/system").is_dir() and not self.config.restart_command:
+            ledger = self._load_ledger()
+            if "libvirtd-tls.socket" not in ledger.units:
+                ledger.units.append("libvirtd-tls.socket")
+                self._save_ledger(ledger)
             for cmd in (["systemctl", "enable", "--now", "libvirtd-tls.socket"],
                         ["systemctl", "try-restart", "libvirtd.service"]):
                 _run(cmd)
@@ -142,11 +186,14 @@ class LibvirtTLS:
             return self.apply()
         return "libvirtd reloaded its TLS files (virt-admin server-update-tls)"
 
-    def _load_ledger(self) -> dict[str, str]:
+    def _load_ledger(self) -> Ledger:
         try:
-            return json.loads(self._ledger.read_text())  # type: ignore[no-any-return]
-        except (FileNotFoundError, ValueError):
-            return {}
+            return Ledger.parse(self._ledger.read_text())
+        except FileNotFoundError:
+            return Ledger()
+
+    def _save_ledger(self, ledger: Ledger) -> None:
+        write_atomic(self._ledger, ledger.render(), mode=0o600)
 
 
 def _strip_block(text: str) -> str:

@@ -1,0 +1,251 @@
+"""The Debian packages, as an operator gets them: built, linted, installed with apt,
+run the way their units run them, removed and purged.
+
+There is no systemd as PID 1 here, so the test plays its part: a journald started by
+hand (in a private mount namespace with its own /run, so the machine's own programs
+never log into it), the units' ExecStart lines with their User=, a NOTIFY_SOCKET for
+READY/STATUS/WATCHDOG, and JOURNAL_STREAM as systemd sets it for a service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.logs import MESSAGE_IDS
+from tests.harness import ROOT, Libvirtd, Proc, free_port, wait_for
+
+PACKAGES = ("virtfleet-agent", "virtfleet-server")
+UNITS = Path("/lib/systemd/system")
+# What a package may touch; dpkg's and apt's own records are theirs.
+WATCHED = ("/etc", "/usr", "/opt", "/var/lib")
+NOT_WATCHED = ("/var/lib/dpkg", "/var/lib/apt", "/var/lib/ucf")
+AGENT_STATE = Path("/var/lib/virtfleet-agent")
+SERVER_STATE = Path("/var/lib/virtfleet-server")
+# WatchdogSec= shortened (as a drop-in would) so pings come within the test's patience.
+WATCHDOG_USEC = "2000000"
+
+
+def apt_get(*args: str) -> None:
+    result = subprocess.run(["apt-get", "-y", "-q", *args], capture_output=True, text=True,
+                            timeout=300, env=os.environ | {"DEBIAN_FRONTEND": "noninteractive"})
+    assert result.returncode == 0, f"apt-get {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+
+
+def installed(package: str) -> bool:
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True,
+                            text=True)
+    return "installed" in result.stdout or "config-files" in result.stdout
+
+
+def file_listing() -> set[str]:
+    paths = set()
+    for top in WATCHED:
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = [d for d in dirnames
+                           if os.path.join(dirpath, d) not in NOT_WATCHED]
+            paths.update(os.path.join(dirpath, name) for name in dirnames + filenames)
+    return paths
+
+
+def exec_start(unit: str) -> list[str]:
+    """The unit's ExecStart= line, from the installed unit file."""
+    lines = (UNITS / unit).read_text().splitlines()
+    return shlex.split(next(line for line in lines if line.startswith("ExecStart=/"))[10:])
+
+
+class NotifySocket:
+    """The socket systemd gives a Type=notify service; collects what the service says."""
+
+    def __init__(self) -> None:
+        self.address = f"@virtfleet-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.address[1:])
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+
+    def said(self, text: str) -> list[str]:
+        """Every message so far (read without waiting) that contains `text`."""
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                break
+        return [m for m in self.messages if text in m]
+
+
+class Journald:
+    """systemd-journald started by hand in its own mount namespace: tmpfs on /run (its
+    sockets) and on /var/log/journal (so it writes nothing that outlives the test)."""
+
+    def __init__(self, log: Path) -> None:
+        mounts = "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal\n"
+        if Path("/var/log/journal").is_dir():
+            mounts += "mount -t tmpfs tmpfs /var/log/journal\n"
+        self.proc = Proc(["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+                          mounts + "exec /lib/systemd/systemd-journald"], log).start()
+        assert self.proc.proc is not None
+        self.pid = self.proc.proc.pid
+        self.services: list[tuple[Proc, NotifySocket]] = []
+        wait_for(lambda: Path(f"/proc/{self.pid}/root/run/systemd/journal/socket").exists(), 20,
+                 "journald's socket")
+
+    def enter(self, argv: list[str]) -> list[str]:
+        """`argv` run inside journald's mount namespace: it sees the journal."""
+        return ["nsenter", f"--mount=/proc/{self.pid}/ns/mnt", "--", *argv]
+
+    def entries(self, *matches: str) -> list[dict[str, str]]:
+        out = subprocess.run(self.enter(["journalctl", "--no-pager", "-o", "json", *matches]),
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def service(self, unit: str, log: Path, *extra: str) -> tuple[Proc, NotifySocket]:
+        """Run `unit`'s ExecStart (plus `extra` flags, as a drop-in would add) as its
+        User=, with what systemd gives a Type=notify service with a watchdog."""
+        unit_text = (UNITS / unit).read_text()
+        argv = exec_start(unit) + list(extra)
+        user = next((line[5:] for line in unit_text.splitlines() if line.startswith("User=")), "")
+        if user:
+            argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *argv]
+        notify = NotifySocket()
+        env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": WATCHDOG_USEC,
+               "JOURNAL_STREAM": "0:0", "LANG": "C.UTF-8",
+               "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+        proc = Proc(self.enter(argv), log)
+        proc.env = env  # only what systemd would give: none of the test's own environment
+        self.services.append((proc.start(), notify))
+        return proc, notify
+
+    def stop(self) -> None:
+        for proc, notify in self.services:
+            proc.stop()
+            notify.sock.close()
+        self.proc.stop()
+
+
+@pytest.fixture
+def clean_machine() -> Iterator[None]:
+    """No virtfleet package before the test, none after it, whatever happens between."""
+    for package in PACKAGES:
+        if installed(package):
+            subprocess.run(["dpkg", "--purge", package], capture_output=True, check=True)
+    yield
+    for package in PACKAGES:
+        if installed(package):
+            subprocess.run(["dpkg", "--purge", package], capture_output=True)
+
+
+def test_packages_build_install_run_remove_and_purge(tmp_path: Path, clean_machine: None) -> None:
+    debs = tmp_path / "debs"
+    build = subprocess.run([str(ROOT / "scripts" / "build-debs"), str(debs)], capture_output=True,
+                           text=True, timeout=600)
+    assert build.returncode == 0, f"build or lintian failed:\n{build.stdout}\n{build.stderr}"
+
+    libvirtd = Libvirtd(tmp_path / "libvirtd", free_port())
+    libvirtd.start()  # before the listing: the test libvirtd makes its mount points
+    before = file_listing()
+    apt_get("install", "--no-install-recommends", *sorted(str(p) for p in debs.glob("*.deb")))
+
+    assert (Path("/etc/virtfleet/agent.toml").stat().st_mode & 0o777) == 0o600
+    for state in (AGENT_STATE, SERVER_STATE):
+        assert (state.stat().st_mode & 0o777) == 0o700, f"{state} is not private"
+    assert SERVER_STATE.owner() == "_virtfleet"
+    for module in ("agent", "server", "common"):
+        assert not list(Path("/usr/lib/python3/dist-packages").glob(f"{module}/*.py")), \
+            f"{module} went into the global dist-packages"
+
+    check_units()
+    journal = Journald(tmp_path / "journald.log")
+    try:
+        run_installed(journal, libvirtd, tmp_path)
+    finally:
+        journal.stop()
+        libvirtd.stop()
+
+    apt_get("remove", *PACKAGES)
+    assert not Path("/usr/bin/virtfleet-agent").exists()
+    assert not Path("/usr/share/virtfleet-server").exists()
+    assert (AGENT_STATE / "identity.pem").exists(), "remove must keep the host's identity"
+    assert (SERVER_STATE / "state.db").exists(), "remove must keep the server's database"
+
+    apt_get("purge", *PACKAGES)
+    after = file_listing()
+    assert after - before == set(), "purge left files behind"
+    assert before - after == set(), "install and purge removed files that were there before"
+    # The agent's libvirtd TLS set-up is undone too.
+    assert not libvirtd.tls_configured, libvirtd.conf.read_text()
+    left = [p for p in (libvirtd.pki / "servercert.pem", libvirtd.pki / "private" / "serverkey.pem",
+                        libvirtd.base / "pki-ca" / "cacert.pem") if p.exists()]
+    assert not left, f"purge left libvirtd's TLS files the agent wrote: {left}"
+
+
+def check_units() -> None:
+    """`systemd-analyze verify` is clean, and the README quotes the units' exposure scores
+    as `systemd-analyze security` gives them."""
+    units = [str(UNITS / f"{package}.service") for package in PACKAGES]
+    verify = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    readme = (ROOT / "README.md").read_text()
+    for unit in units:
+        out = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", unit],
+                             capture_output=True, text=True).stdout
+        score = re.search(r"Overall exposure level for (\S+): ([\d.]+)", out)
+        assert score, out
+        assert f"| `{score[1]}` | {score[2]} |" in readme, f"README: {score[1]} scores {score[2]}"
+
+
+def run_installed(journal: Journald, libvirtd: Libvirtd, tmp_path: Path) -> None:
+    port = free_port()
+    server, server_notify = journal.service("virtfleet-server.service", tmp_path / "server.log",
+                                            "--listen", f"127.0.0.1:{port}",
+                                            "--checkin-interval", "1")
+    wait_for(lambda: server_notify.said("READY=1") or not server.alive(), 30,
+             "the server's READY=1")
+    assert server.alive(), server.log()
+
+    admin = ["/usr/bin/virtfleet-server", "--json"]
+    token = json.loads(subprocess.run(admin + ["token", "create", "--ttl", "10m"], check=True,
+                                      capture_output=True, text=True).stdout)["join"]
+    # The unattended install: the join string in the conffile, then the first start.
+    config = Path("/etc/virtfleet/agent.toml")
+    config.write_text(f'join = "{token}"\nhostname = "pkg-host"\n' + libvirtd.agent_config())
+    agent, agent_notify = journal.service("virtfleet-agent.service", tmp_path / "agent.log")
+
+    def host() -> dict[str, str] | None:
+        out = subprocess.run(admin + ["hosts", "list"], capture_output=True, text=True).stdout
+        hosts = json.loads(out) if out else []
+        return hosts[0] if hosts and hosts[0]["status"] == "online" else None
+
+    online = wait_for(host, 60, f"the host online (agent log: {agent.log()[-2000:]})")
+    assert online["hostname"] == "pkg-host"
+    assert token not in config.read_text(), "the spent join string is still in agent.toml"
+
+    wait_for(lambda: agent_notify.said("READY=1"), 10, "the agent's READY=1")
+    wait_for(lambda: agent_notify.said("STATUS=online as pkg-host"), 10, "the agent's STATUS")
+    wait_for(lambda: server_notify.said("1 host: 1 online"), 10, "the server's STATUS")
+    for notify in (agent_notify, server_notify):
+        wait_for(lambda n=notify: n.said("WATCHDOG=1"), 10, "watchdog pings")
+
+    for program in ("virtfleet-agent", "virtfleet-server"):
+        entries = journal.entries("VIRTFLEET_EVENT=enrolled", f"SYSLOG_IDENTIFIER={program}")
+        assert len(entries) == 1, f"{program}: {entries}"
+        assert entries[0]["VIRTFLEET_HOST_ID"] == online["id"]
+        assert entries[0]["MESSAGE_ID"] == MESSAGE_IDS["enrolled"].hex
+
+    libvirtd.stop()
+    wait_for(lambda: journal.entries("VIRTFLEET_EVENT=libvirtd_down",
+                                     "SYSLOG_IDENTIFIER=virtfleet-agent"), 20,
+             "libvirtd_down in the agent's journal")
+
+    for proc, notify in ((agent, agent_notify), (server, server_notify)):
+        assert proc.stop() == 0, proc.log()
+        assert notify.said("STOPPING=1")
