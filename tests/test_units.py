@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from agent.cli import build_parser as agent_parser
 from agent.client import MAX_RETRY_AFTER, _refusal
 from agent.collectors import kvm
 from agent.collectors.host import parse_cpu_model
-from agent.runner import renewal_time
+from agent.runner import HUNG_CHECKIN, Runner, renewal_time
 from common.backoff import Backoff
 from common.cli import duration
 from server.app import RateLimiter
@@ -52,6 +54,25 @@ def test_renewal_between_70_and_90_percent() -> None:
 
 
 CPUINFO = "processor\t: 0\nmodel name\t: AMD EPYC 7302\nflags\t\t: fpu svm sse2\n"
+
+
+def test_agent_watchdog_pings_only_while_loops_run_and_no_checkin_hangs() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        runner = Runner.__new__(Runner)  # only the health predicate: no server, no libvirt
+        checkin, watch = loop.create_future(), loop.create_future()
+        runner._tasks, runner._checkin_since = [checkin, watch], None  # type: ignore[list-item]
+        assert runner._healthy()
+        runner._checkin_since = time.monotonic() - 5
+        assert runner._healthy()
+        runner._checkin_since = time.monotonic() - HUNG_CHECKIN - 1
+        assert not runner._healthy(), "a hung check-in must stop the pings"
+        runner._checkin_since = None
+        watch.set_exception(RuntimeError("libvirtd watch died"))
+        assert not runner._healthy(), "a dead loop must stop the pings"
+        watch.exception()  # retrieved: no "never retrieved" warning
+    finally:
+        loop.close()
 
 
 def test_cpu_parsers() -> None:
