@@ -26,7 +26,7 @@ from server import admin, openapi
 from server.config import ServerConfig
 from server.fleet import Fleet, Refused, serial_of
 from server.http import FLEET, errors_middleware, fleet_of
-from server.tls import ensure_server_cert, server_context, server_names
+from server.tls import ensure_server_cert, limit_tls_buffers, server_context, server_names
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,7 @@ def _summary(fleet: Fleet) -> str:
 
 async def serve(config: ServerConfig) -> None:
     """Start, serve until SIGTERM or SIGINT, then shut down cleanly."""
+    limit_tls_buffers()
     fleet = Fleet(config)
     key, cert = ensure_server_cert(fleet.identity_ca, config.state_dir / "tls",
                                    server_names(config.url, config.listen_host))

@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -348,3 +349,36 @@ class Network:
     def close(self) -> None:
         for ns in [*self.hosts, self.server_ns]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+@dataclass
+class Fleet:
+    """A server in its own network namespace and hosts each in theirs (libvirtd + agent)."""
+
+    net: Network
+    server: Server
+    base: Path
+    hosts: list[tuple[str, Libvirtd, Agent]] = field(default_factory=list)  # (ns, libvirtd, agent)
+
+    def add_host(self, name: str, join: bool = True) -> tuple[str, Libvirtd, Agent]:
+        ns, address = self.net.add_host()
+        lv = Libvirtd(self.base / name / "libvirtd", free_port(), listen_addr=address, netns=ns)
+        lv.start()
+        agent = Agent(self.base / name, lv.agent_config(), netns=ns, hostname=name)
+        if join:
+            result = agent.join(self.server.token())
+            assert result.returncode == 0, result.stderr
+            agent.start()
+        entry = (ns, lv, agent)
+        self.hosts.append(entry)
+        return entry
+
+    def statuses(self) -> dict[str, str]:
+        return {h["hostname"]: h["status"] for h in self.server.hosts()}
+
+    def close(self) -> None:
+        for _ns, lv, agent in self.hosts:
+            agent.stop()
+            lv.stop()
+        self.server.proc.stop()
+        self.net.close()

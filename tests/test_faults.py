@@ -11,48 +11,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Agent, Libvirtd, Network, Server, free_port, observed, wait_for
+from tests.harness import Agent, Fleet, Libvirtd, Network, Server, free_port, observed, wait_for
 
 pytestmark = pytest.mark.slow
 GRACE = 4.0
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 SERVER_ARGS = ("--checkin-interval", "1", "--grace", str(GRACE))
-
-
-@dataclass
-class Fleet:
-    net: Network
-    server: Server
-    base: Path
-    hosts: list[tuple[str, Libvirtd, Agent]] = field(default_factory=list)  # (ns, libvirtd, agent)
-
-    def add_host(self, name: str, join: bool = True) -> tuple[str, Libvirtd, Agent]:
-        ns, address = self.net.add_host()
-        lv = Libvirtd(self.base / name / "libvirtd", free_port(), listen_addr=address, netns=ns)
-        lv.start()
-        agent = Agent(self.base / name, lv.agent_config(), netns=ns, hostname=name)
-        if join:
-            result = agent.join(self.server.token())
-            assert result.returncode == 0, result.stderr
-            agent.start()
-        entry = (ns, lv, agent)
-        self.hosts.append(entry)
-        return entry
-
-    def statuses(self) -> dict[str, str]:
-        return {h["hostname"]: h["status"] for h in self.server.hosts()}
-
-    def close(self) -> None:
-        for _ns, lv, agent in self.hosts:
-            agent.stop()
-            lv.stop()
-        self.server.proc.stop()
-        self.net.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,261 @@
+"""Check-in capacity: N simulated hosts against the real server, then a restart storm,
+then the highest sustained rate, next to a bare aiohttp mTLS handler measured the same way.
+
+Hosts are seeded through the server's own modules (bench/seed.py); the load generators
+(bench/loadgen.py, separate processes) are the agent's own client and loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.report import simulated_report
+from bench.seed import seed_hosts
+from bench.util import Sampler, pct, table
+from tests.harness import ROOT, VENV_BIN, Server, free_port, wait_for
+
+P99_LIMIT_MS = 100.0
+
+
+@dataclass
+class Scale:
+    hosts: int
+    interval: float  # the server's check-in interval
+    warmup: float  # hosts start at random times within one interval
+    hold: float
+    rates: list[float]  # check-ins per second tried in the rate search
+    step: float  # seconds per rate step; the last `step - settle` are measured
+    procs: int  # load generator processes
+
+
+QUICK = Scale(hosts=200, interval=2, warmup=2.5, hold=4, rates=[200, 400], step=3, procs=1)
+FULL = Scale(hosts=10_000, interval=10, warmup=12, hold=120, rates=[1000, 1500, 2000, 3000, 4000],
+             step=25, procs=2)
+
+
+class LoadGen:
+    """Load generator processes over a slice of the hosts each; their lines, as they come."""
+
+    def __init__(self, url: str, identities: Path, hosts: int, procs: int,
+                 schedule: list[tuple[float, float]], log: Path) -> None:
+        spec = ",".join(f"{i}:{s}" for i, s in schedule)
+        share = hosts // procs
+        self.procs = []
+        self.lines: list[list[dict[str, Any]]] = []
+        for p in range(procs):
+            count = share if p < procs - 1 else hosts - share * (procs - 1)
+            proc = subprocess.Popen(
+                [str(VENV_BIN / "python"), "-m", "bench.loadgen", url, str(identities),
+                 str(p * share), str(count), spec], cwd=ROOT, stdout=subprocess.PIPE,
+                stderr=open(log, "ab"), text=True, start_new_session=True)
+            self.procs.append(proc)
+            self.lines.append([])
+            threading.Thread(target=self._read, args=(proc, self.lines[-1]), daemon=True).start()
+
+    @staticmethod
+    def _read(proc: subprocess.Popen[str], into: list[dict[str, Any]]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            into.append(json.loads(line))
+
+    def wait_ready(self) -> float:
+        def ready() -> bool:
+            dead = [p.args for p in self.procs if p.poll() is not None]
+            assert not dead, f"a load generator exited: {dead} (see loadgen.log)"
+            return all(lines and "ready" in lines[0] for lines in self.lines)
+
+        wait_for(ready, 300, "the load generators to create their clients", interval=0.2)
+        return time.time()
+
+    def mark(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGUSR1)
+
+    def recovered(self) -> int:
+        return sum(lines[-1].get("recovered", 0) for lines in self.lines if len(lines) > 1)
+
+    def window(self, start: float, end: float) -> dict[str, Any]:
+        """Check-ins, errors and latencies of the seconds in [start, end)."""
+        seconds = [ln for lines in self.lines for ln in lines if "t" in ln and start < ln["t"] <= end]
+        latencies = [x for ln in seconds for x in ln["lat"]]
+        errors: dict[str, int] = {}
+        for ln in seconds:
+            for kind, n in ln["errors"].items():
+                errors[kind] = errors.get(kind, 0) + n
+        return {"ok": len(latencies), "rate": len(latencies) / max(end - start, 1e-9),
+                "p50": pct(latencies, 50), "p99": pct(latencies, 99), "max": max(latencies, default=0),
+                "errors": sum(errors.values()), "kinds": errors}
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+def run(quick: bool, profile: Path | None = None) -> str:
+    scale = QUICK if quick else FULL
+    work = Path(tempfile.mkdtemp(prefix="vfb-capacity-"))
+    state, identities = work / "server", work / "identities"
+    started = time.monotonic()
+    seed_hosts(state, identities, scale.hosts, simulated_report())
+    seeded = time.monotonic() - started
+    out = [hold_and_storm(scale, work, state, identities, seeded, profile)]
+    out.append(rate_search(scale, work, state, identities))
+    return "".join(out)
+
+
+def start_server(state: Path, port: int, scale: Scale, profile: Path | None) -> Server:
+    server = Server(state, port, "--checkin-interval", f"{scale.interval:g}", "--log-level", "WARNING")
+    if profile is not None:
+        # pyinstrument samples the whole server run and writes its report when it exits.
+        server.proc.argv = [str(VENV_BIN / "pyinstrument"), "-r", "text", "--show-all", "-o", str(profile),
+                            "-m", "server.cli", *server.proc.argv[1:]]
+    return server.start()
+
+
+def server_pid(server: Server) -> int:
+    assert server.proc.proc is not None
+    return server.proc.proc.pid
+
+
+def hold_and_storm(scale: Scale, work: Path, state: Path, identities: Path, seeded: float,
+                   profile: Path | None) -> str:
+    port = free_port()
+    server = start_server(state, port, scale, profile)
+    boot = scale.warmup + scale.hold
+    load = LoadGen(server.url, identities, scale.hosts, scale.procs, [(scale.interval, boot + 600)],
+                   work / "loadgen.log")
+    sampler = Sampler({"server": server_pid(server)})
+    try:
+        t0 = load.wait_ready()
+        for i, proc in enumerate(load.procs):
+            sampler.watch(f"loadgen{i}", proc.pid)
+        time.sleep(boot)
+        a, b = t0 + scale.warmup, t0 + boot
+        hold = load.window(a, b)
+        cpu, rss = sampler.window("server", a, b)
+        gen_cpu = sum(sampler.window(f"loadgen{i}", a, b)[0] for i in range(scale.procs))
+        # A restart with every host checking in: the agents notice on their next
+        # check-in and come back with their own backoff.
+        load.mark()
+        t_stop = time.time()
+        server.proc.stop()
+        if profile is not None:
+            server.proc.argv = [str(VENV_BIN / "virtfleet-server"), *server.proc.argv[7:]]
+        server.start()
+        t_ready = time.time()
+        sampler.watch("server", server_pid(server))
+        wait_for(lambda: load.recovered() >= scale.hosts, 300, "every host to check in again", 0.2)
+        t_all = time.time()
+        time.sleep(1.5)  # the last second's line
+        storm = load.window(t_stop, t_all + 1)
+        after_ready = load.window(t_ready + 1, t_all + 1)
+        storm_cpu, storm_rss = sampler.window("server", t_ready, t_all + 1)
+        load.stop()
+        server.proc.stop()
+    finally:
+        sampler.stop()
+        load.stop()
+        server.proc.stop()
+    rows = [
+        ["hosts (each its own identity and certificate)", f"{scale.hosts:,}", f"seeded in {seeded:.0f} s"],
+        ["check-in interval", f"{scale.interval:g} s", f"target {scale.hosts / scale.interval:,.0f}/s"],
+        ["steady: check-ins/s (measured window)", f"{hold['rate']:,.0f}/s", f"{scale.hold:g} s window"],
+        ["steady: errors", f"{hold['errors']}", fmt_kinds(hold["kinds"])],
+        ["steady: latency p50 / p99 / max", ms3(hold), "target p99 < 100 ms"],
+        ["steady: server CPU / RSS", f"{cpu:.0f} % of a core / {rss:.0f} MB", "target RSS < 500 MB"],
+        ["steady: load generator CPU", f"{gen_cpu:.0f} % of a core", f"{scale.procs} process(es)"],
+        ["restart storm: server back (listening) after", f"{t_ready - t_stop:.1f} s", "SIGTERM, start again"],
+        ["restart storm: all hosts checked in again after", f"{t_all - t_stop:.1f} s",
+         f"{t_all - t_ready:.1f} s after it listened"],
+        ["restart storm: failed check-ins while it was down", f"{storm['errors'] - after_ready['errors']}",
+         "connection refused: retried with backoff"],
+        ["restart storm: errors once it listened", f"{after_ready['errors']}",
+         fmt_kinds(after_ready["kinds"])],
+        ["restart storm: latency p50 / p99 / max", ms3(after_ready), ""],
+        ["restart storm: server CPU / peak RSS", f"{storm_cpu:.0f} % / {storm_rss:.0f} MB", ""],
+    ]
+    return table(f"Check-in capacity ({scale.hosts:,} hosts)", ["measure", "value", "note"], rows)
+
+
+def rate_search(scale: Scale, work: Path, state: Path, identities: Path) -> str:
+    """Raise the rate step by step (shorter intervals), virtfleet-server then bare aiohttp."""
+    port = free_port()
+    server = start_server(state, port, scale, None)
+    try:
+        ours = steps(scale, server.url, identities, work, server_pid(server))
+    finally:
+        server.proc.stop()
+    bare_port = free_port()
+    bare = subprocess.Popen([str(VENV_BIN / "python"), "-m", "bench.bare_server", str(state),
+                             str(bare_port)], cwd=ROOT, stderr=open(work / "bare.log", "ab"),
+                            start_new_session=True)
+    try:
+        wait_for(lambda: subprocess.run(["ss", "-Hltn", f"sport = :{bare_port}"], capture_output=True,
+                                        text=True).stdout.strip(), 20, "the bare server")
+        theirs = steps(scale, f"https://127.0.0.1:{bare_port}", identities, work, bare.pid)
+    finally:
+        bare.kill()
+        bare.wait()
+    rows = []
+    for rate, (a, b) in zip(scale.rates, zip(ours, theirs, strict=True), strict=True):
+        rows.append([f"{rate:,.0f}/s", *cells(a), *cells(b)])
+    best_ours, best_bare = best(ours), best(theirs)
+    rows.append(["highest sustained", f"{best_ours:,.0f}/s", "", "", "", f"{best_bare:,.0f}/s", "", "", ""])
+    header = ["target", "virtfleet: achieved", "p50 / p99 ms", "errors", "server CPU",
+              "bare aiohttp: achieved", "p50 / p99 ms", "errors", "server CPU"]
+    return table(f"Highest sustained check-in rate ({scale.hosts:,} hosts, p99 < {P99_LIMIT_MS:g} ms, "
+                 "0 errors)", header, rows)
+
+
+def steps(scale: Scale, url: str, identities: Path, work: Path, pid: int) -> list[dict[str, Any]]:
+    schedule = [(scale.hosts / rate, scale.step) for rate in scale.rates]
+    load = LoadGen(url, identities, scale.hosts, scale.procs, schedule, work / "loadgen.log")
+    sampler = Sampler({"server": pid})
+    try:
+        t0 = load.wait_ready()
+        wait_for(lambda: all(p.poll() is not None for p in load.procs),
+                 scale.step * len(schedule) + 60, "the rate steps", 0.5)
+        results = []
+        for n, (interval, _) in enumerate(schedule):
+            # Hosts finish the sleep of the previous step first: measure after one interval.
+            settle = max(interval, schedule[n - 1][0] if n else interval)
+            a, b = t0 + n * scale.step + settle, t0 + (n + 1) * scale.step
+            result = load.window(a, b)
+            result["cpu"] = sampler.window("server", a, b)[0]
+            results.append(result)
+        return results
+    finally:
+        sampler.stop()
+        load.stop()
+
+
+def cells(r: dict[str, Any]) -> list[str]:
+    return [f"{r['rate']:,.0f}/s", f"{r['p50']:.1f} / {r['p99']:.1f}", str(r["errors"]), f"{r['cpu']:.0f} %"]
+
+
+def best(results: list[dict[str, Any]]) -> float:
+    good = [r["rate"] for r in results if r["p99"] < P99_LIMIT_MS and r["errors"] == 0 and r["ok"]]
+    return max(good, default=0.0)
+
+
+def ms3(r: dict[str, Any]) -> str:
+    return f"{r['p50']:.1f} / {r['p99']:.1f} / {r['max']:.0f} ms"
+
+
+def fmt_kinds(kinds: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {n}" for k, n in kinds.items())
+
+
+if __name__ == "__main__":
+    print(run("--quick" in sys.argv, Path(os.environ["PROFILE"]) if os.environ.get("PROFILE") else None))
