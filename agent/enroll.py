@@ -96,12 +96,13 @@ async def join(text: str, config: AgentConfig, state: State, force: bool = False
 
 
 async def enroll_request(url: str, request: wire.EnrollRequest, ctx: ssl.SSLContext,
-                  patience: float = BUSY_PATIENCE) -> wire.EnrollResponse:
+                         patience: float = BUSY_PATIENCE,
+                         connector: aiohttp.BaseConnector | None = None) -> wire.EnrollResponse:
     """Enroll; a busy server (429, 5xx) is retried with backoff for a while, anything
-    else is final."""
+    else is final. (`connector`: bench/burst.py enrolls from many source addresses.)"""
     backoff = Backoff(base=0.5, cap=10.0)
     deadline = time.monotonic() + patience
-    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+    async with aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as session:
         while True:
             try:
                 return await call(session, url + wire.ENROLL_PATH, wire.to_json(request),

@@ -147,9 +147,9 @@ def hold_and_storm(scale: Scale, work: Path, state: Path, identities: Path, seed
         gen_cpu = sum(sampler.window(f"loadgen{i}", a, b)[0] for i in range(scale.procs))
         # A restart with every host checking in: the agents notice on their next
         # check-in and come back with their own backoff.
-        load.mark()
         t_stop = time.time()
         server.proc.stop()
+        load.mark()  # once it is down: "recovered" counts check-ins after the restart
         if profile is not None:
             server.proc.argv = [str(VENV_BIN / "virtfleet-server"), *server.proc.argv[7:]]
         server.start()

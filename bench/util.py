@@ -40,6 +40,16 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def private_mb(pid: int) -> float:
+    """Memory only this process uses (USS: private pages), without the shared libraries
+    and files RSS also counts."""
+    kb = 0
+    for line in open(f"/proc/{pid}/smaps_rollup"):
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            kb += int(line.split()[1])
+    return kb / 1024
+
+
 @dataclass
 class Sample:
     at: float

@@ -1,0 +1,51 @@
+"""bench/run [--quick] [--profile FILE] [NAME ...]: the benchmarks, one Markdown table each,
+under a header saying when, on what machine and at which commit (what bench/README.md
+keeps). NAME: capacity, join, detect, footprint, burst (default: all, in that order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+NAMES = ("capacity", "join", "detect", "footprint", "burst")
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "?")
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip()
+    return (f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC · {os.cpu_count()} cores "
+            f"({cpu}) · {psutil.virtual_memory().total / 2**30:.1f} GiB memory · "
+            f"Python {sys.version.split()[0]} · commit {commit}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small numbers, under a minute")
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="capacity: write a pyinstrument profile of the server under load")
+    parser.add_argument("names", nargs="*", choices=[[], *NAMES], metavar="NAME",
+                        help=f"which ({', '.join(NAMES)}; default all)")
+    args = parser.parse_args()
+    print(f"## {'Quick' if args.quick else 'Full'} run: {machine()}", flush=True)
+    for name in args.names or NAMES:
+        started = time.monotonic()
+        module = importlib.import_module(f"bench.{name}")
+        kwargs = {"profile": args.profile} if name == "capacity" else {}
+        print(module.run(args.quick, **kwargs), flush=True)
+        print(f"({name}: {time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
