@@ -31,7 +31,7 @@ P99_LIMIT_MS = 100.0
 class Scale:
     hosts: int
     interval: float  # the server's check-in interval
-    warmup: float  # hosts start at random times within one interval
+    warmup: float  # hosts start within one interval; their first TLS handshakes settle
     hold: float
     rates: list[float]  # check-ins per second tried in the rate search
     step: float  # seconds per rate step; the last `step - settle` are measured
@@ -39,7 +39,7 @@ class Scale:
 
 
 QUICK = Scale(hosts=200, interval=2, warmup=2.5, hold=4, rates=[200, 400], step=3, procs=1)
-FULL = Scale(hosts=10_000, interval=10, warmup=12, hold=120, rates=[1000, 1500, 2000, 3000, 4000],
+FULL = Scale(hosts=10_000, interval=10, warmup=40, hold=120, rates=[1000, 1500, 2000, 3000, 4000],
              step=25, procs=2)
 
 
@@ -114,8 +114,16 @@ def run(quick: bool, profile: Path | None = None) -> str:
     return "".join(out)
 
 
+def start_server_argv(state: Path, port: int, scale: Scale) -> list[str]:
+    return Server(state, port, *server_args(scale)).proc.argv
+
+
+def server_args(scale: Scale) -> tuple[str, ...]:
+    return ("--checkin-interval", f"{scale.interval:g}", "--log-level", "WARNING")
+
+
 def start_server(state: Path, port: int, scale: Scale, profile: Path | None) -> Server:
-    server = Server(state, port, "--checkin-interval", f"{scale.interval:g}", "--log-level", "WARNING")
+    server = Server(state, port, *server_args(scale))
     if profile is not None:
         # pyinstrument samples the whole server run and writes its report when it exits.
         server.proc.argv = [str(VENV_BIN / "pyinstrument"), "-r", "text", "--show-all", "-o", str(profile),
@@ -132,6 +140,7 @@ def hold_and_storm(scale: Scale, work: Path, state: Path, identities: Path, seed
                    profile: Path | None) -> str:
     port = free_port()
     server = start_server(state, port, scale, profile)
+    plain_argv = start_server_argv(state, port, scale)
     boot = scale.warmup + scale.hold
     load = LoadGen(server.url, identities, scale.hosts, scale.procs, [(scale.interval, boot + 600)],
                    work / "loadgen.log")
@@ -150,8 +159,7 @@ def hold_and_storm(scale: Scale, work: Path, state: Path, identities: Path, seed
         t_stop = time.time()
         server.proc.stop()
         load.mark()  # once it is down: "recovered" counts check-ins after the restart
-        if profile is not None:
-            server.proc.argv = [str(VENV_BIN / "virtfleet-server"), *server.proc.argv[7:]]
+        server.proc.argv = plain_argv  # the restart is not profiled
         server.start()
         t_ready = time.time()
         sampler.watch("server", server_pid(server))

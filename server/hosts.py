@@ -94,10 +94,13 @@ class HostStatus:
         host.status, host.detail = status, detail
         return host
 
-    def sweep(self) -> None:
-        """Mark hosts whose check-ins stopped as offline (and nothing else)."""
+    def sweep(self) -> list[tuple[str, str, str, float]]:
+        """Mark hosts whose check-ins stopped as offline (and nothing else); returns the
+        liveness rows it read."""
         now = time.time()
-        for host_id, admin_state, status, seen in self.store.liveness():
+        liveness = self.store.liveness()
+        for host_id, admin_state, status, seen in liveness:
             stale = now - max(seen, self.started_at) > self.grace
             if admin_state == "enabled" and stale != (status == OFFLINE):
                 self.refresh(host_id)
+        return liveness

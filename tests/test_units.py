@@ -161,3 +161,12 @@ def test_reported_kvm_problem_takes_any_shape() -> None:
     for odd in ({}, {"facts": "x"}, {"facts": {"kvm": "x"}}, {"facts": {"kvm": {"data": [1]}}},
                 {"facts": {"kvm": {"data": {"problem": 5}}}}):
         assert _reported_kvm_problem(odd) == ""
+
+
+def test_a_check_in_finds_its_host_by_index_not_by_scanning(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    for column in ("cert_serial", "prev_cert_serial"):
+        plan = store.db.execute(f"EXPLAIN QUERY PLAN SELECT * FROM hosts WHERE {column}=?",
+                                ("ab",)).fetchall()
+        assert all("USING INDEX" in row["detail"] for row in plan), [row["detail"] for row in plan]
+    store.close()
