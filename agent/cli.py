@@ -12,11 +12,10 @@ from typing import Any
 
 from agent import config as config_mod
 from agent.config import AgentConfig, ConfigError
-from agent.enroll import JoinError, join
 from agent.libvirt_tls import TLSSetupError
 from agent.runner import Runner
-from agent.state import State
-from common import logs, notify, pki, wire
+from agent.state import Enrollment, State
+from common import logs, notify, wire
 from common.cli import ago, fail, print_json, when
 
 log = logging.getLogger("agent")
@@ -99,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_join(text: str, config: AgentConfig, state: State, force: bool) -> int:
+    # Imported here, as in the runner: `run` does not load cryptography (4 MB) unless it must.
+    from agent.enroll import JoinError, join
+
     try:
         enrollment = asyncio.run(join(text, config, state, force=force))
     except (JoinError, TLSSetupError) as exc:
@@ -107,15 +109,34 @@ def cmd_join(text: str, config: AgentConfig, state: State, force: bool) -> int:
         return fail(f"join failed: {exc} (run as root)")
     print(f"enrolled as host {enrollment.host_id} with {enrollment.server_url} "
           f"(role {enrollment.role})")
+    # Check in now: the server opens its libvirt connection while the operator starts the
+    # service, instead of after.
+    last = asyncio.run(check_in_once(config, state, enrollment))
+    if last.get("ok"):
+        print(f"checked in: the server says {last.get('status')}")
+    else:
+        print(f"the first check-in failed ({last.get('error')}); the agent retries when it runs")
     print(f"next: start the agent (systemctl enable --now virtfleet-agent, or "
           f"virtfleet-agent --state-dir {state.dir} run)")
     return 0
+
+
+async def check_in_once(config: AgentConfig, state: State, enrollment: Enrollment) -> dict[str, Any]:
+    """One check-in; returns what it recorded (status.json)."""
+    runner = Runner(config, state, enrollment)
+    try:
+        await runner.checkin_once()
+    finally:
+        await runner.shutdown()
+    return runner.last
 
 
 async def cmd_run(config: AgentConfig, state: State, config_path: Path,
                   once: bool = False) -> int:
     enrollment = state.enrolled()
     if enrollment is None and config.join:
+        from agent.enroll import JoinError, join  # as in cmd_join
+
         log.info("not enrolled yet: joining with the join string from %s", config_path)
         try:
             enrollment = await join(config.join, config, state)
@@ -134,11 +155,9 @@ async def cmd_run(config: AgentConfig, state: State, config_path: Path,
         return EXIT_NOT_ENROLLED
     if not config.role_from_file:
         config.role = enrollment.role
-    runner = Runner(config, state, enrollment)
     if once:
-        await runner.checkin_once()
-        await runner.shutdown()
-        return 0 if runner.last.get("ok") else 1
+        return 0 if (await check_in_once(config, state, enrollment)).get("ok") else 1
+    runner = Runner(config, state, enrollment)
     await runner.start()
     notify.ready(f"checking in with {enrollment.server_url} as {config.hostname}")
     log.info("agent running: host %s, server %s, role %s", enrollment.host_id,
@@ -168,11 +187,10 @@ def cmd_status(state: State, as_json: bool) -> int:
         return fail(f"not enrolled (no identity in {state.dir}): run `virtfleet-agent join '<JOIN>'`",
                     EXIT_NOT_ENROLLED)
     status = state.load_status()
-    cert = state.identity_cert()
     data: dict[str, Any] = {
         "host_id": enrollment.host_id, "server": enrollment.server_url, "role": enrollment.role,
         "enrolled_at": enrollment.enrolled_at,
-        "certificate_expires": pki.not_after(cert).timestamp(), "last_checkin": status,
+        "certificate_expires": state.identity_expiry(), "last_checkin": status,
     }
     if as_json:
         print_json(data)

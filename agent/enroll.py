@@ -13,9 +13,7 @@ import logging
 import ssl
 import time
 
-import aiohttp
-
-from agent.client import TIMEOUT, ServerError, call, fetch_ca
+from agent.client import Connection, ServerError, call, fetch_ca
 from agent.config import AgentConfig
 from agent.libvirt_tls import LibvirtTLS, TLSSetupError
 from agent.local_libvirt import LocalLibvirt
@@ -97,16 +95,16 @@ async def join(text: str, config: AgentConfig, state: State, force: bool = False
 
 async def enroll_request(url: str, request: wire.EnrollRequest, ctx: ssl.SSLContext,
                          patience: float = BUSY_PATIENCE,
-                         connector: aiohttp.BaseConnector | None = None) -> wire.EnrollResponse:
+                         source: str | None = None) -> wire.EnrollResponse:
     """Enroll; a busy server (429, 5xx) is retried with backoff for a while, anything
-    else is final. (`connector`: bench/burst.py enrolls from many source addresses.)"""
+    else is final. (`source`: bench/burst.py enrolls from many source addresses.)"""
     backoff = Backoff(base=0.5, cap=10.0)
     deadline = time.monotonic() + patience
-    async with aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as session:
+    conn = Connection(url, ctx, source)
+    try:
         while True:
             try:
-                return await call(session, url + wire.ENROLL_PATH, wire.to_json(request),
-                                  wire.EnrollResponse, ctx)
+                return await call(conn, wire.ENROLL_PATH, wire.to_json(request), wire.EnrollResponse)
             except ServerError as exc:
                 busy = exc.status is not None and exc.retryable
                 if busy and time.monotonic() < deadline:
@@ -116,6 +114,8 @@ async def enroll_request(url: str, request: wire.EnrollRequest, ctx: ssl.SSLCont
                 if exc.status is not None and 400 <= exc.status < 500:
                     raise JoinError(f"the server refused to enroll this host: {exc}") from None
                 raise JoinError(str(exc)) from None
+    finally:
+        conn.close()
 
 
 def install_libvirt_tls(config: AgentConfig, state: State, key: object,

@@ -22,12 +22,11 @@ from typing import Any
 
 from agent.client import ServerClient, ServerError
 from agent.config import AgentConfig
-from agent.enroll import install_libvirt_tls
 from agent.libvirt_tls import TLSSetupError
 from agent.local_libvirt import LocalLibvirt
 from agent.report import build_report
 from agent.state import Enrollment, State
-from common import notify, pki, wire
+from common import notify, wire
 from common.backoff import Backoff
 from common.logs import event
 
@@ -77,7 +76,7 @@ class Runner:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.client.close()
+        self.client.close()
         await asyncio.to_thread(self.local.close)
 
     async def wait(self) -> None:
@@ -152,10 +151,10 @@ class Runner:
             log.warning("cannot save status: %s", exc)
 
     def _expired_since(self) -> str | None:
-        not_after = pki.not_after(self.state.identity_cert())
-        if not_after > dt.datetime.now(dt.timezone.utc):
+        not_after = self.state.identity_expiry()
+        if not_after > time.time():
             return None
-        return not_after.isoformat(timespec="seconds")
+        return dt.datetime.fromtimestamp(not_after, dt.timezone.utc).isoformat(timespec="seconds")
 
     # -- systemd's watchdog --------------------------------------------------------
 
@@ -193,10 +192,14 @@ class Runner:
         # The lifetime counts from when this host received the certificate (by its own
         # clock), not from notBefore: the server backdates that to forgive clock skew.
         issued = self.state.identity.stat().st_mtime
-        return renewal_time(issued, pki.not_after(self.state.identity_cert()).timestamp(),
-                            self._jitter)
+        return renewal_time(issued, self.state.identity_expiry(), self._jitter)
 
     async def renew(self) -> None:
+        # Imported only to renew (or join): cryptography is 4 MB of the agent's memory that
+        # a check-in does not need.
+        from agent.enroll import install_libvirt_tls
+        from common import pki
+
         key = pki.new_key()
         libvirt_key = pki.new_key() if self.config.libvirt.configure_tls else None
         try:
@@ -207,15 +210,15 @@ class Runner:
             log.warning("certificate renewal failed: %s (will retry)", exc)
             return
         self.state.save_identity(pki.key_pem(key), identity.certificate)
-        await self.client.use_context(self.state.client_context())
+        self.client.use_context(self.state.client_context())
         if libvirt_key is not None:
             try:
                 await asyncio.to_thread(install_libvirt_tls, self.config, self.state,
                                         libvirt_key, identity, True)
             except TLSSetupError as exc:
                 log.error("libvirtd TLS renewal not installed: %s", exc)
-        expires = pki.not_after(pki.load_cert(identity.certificate))
+        expires = dt.datetime.fromtimestamp(self.state.identity_expiry(), dt.timezone.utc)
         event(log, "certificate_renewed", "certificates renewed; identity valid until %s",
-              expires.astimezone(dt.timezone.utc).isoformat(timespec="seconds"),
+              expires.isoformat(timespec="seconds"),
               host_id=self.enrollment.host_id)
         self._jitter = random.random()

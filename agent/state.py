@@ -11,16 +11,16 @@ Every file is written atomically: a crash leaves the old identity or the new one
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
-from common import pki
 from common.files import write_atomic
+
+BEGIN_CERT, END_CERT = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
 
 
 @dataclass
@@ -59,8 +59,9 @@ class State:
     def save_identity(self, key_pem: bytes, cert_pem: str) -> None:
         write_atomic(self.identity, key_pem + cert_pem.encode(), mode=0o600)
 
-    def identity_cert(self) -> x509.Certificate:
-        return pki.load_cert(self.identity.read_bytes())
+    def identity_expiry(self) -> float:
+        """When the identity certificate expires (Unix time)."""
+        return cert_not_after(self.identity.read_bytes())
 
     def save_status(self, status: dict[str, Any]) -> None:
         write_atomic(self._status, json.dumps(status, indent=2) + "\n")
@@ -77,3 +78,36 @@ class State:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self.identity)
         return ctx
+
+
+def cert_not_after(pem: bytes) -> float:
+    """notAfter of the first certificate in `pem`, as a Unix time.
+
+    Read from the DER by hand rather than with cryptography, whose import would be 4 MB of
+    the agent's memory on every check-in. It only decides when to renew: whether a
+    certificate is trusted is OpenSSL's call at every handshake.
+    """
+    start = pem.index(BEGIN_CERT)
+    der = ssl.PEM_cert_to_DER_cert(pem[start:pem.index(END_CERT, start) + len(END_CERT)].decode())
+    [(_tag, certificate)] = _der_items(der)
+    (_tag, tbs), *_ = _der_items(certificate)
+    fields = _der_items(tbs)
+    if fields[0][0] == 0xA0:  # [0] version: present in v2 and v3 certificates
+        fields = fields[1:]
+    # TBSCertificate: serialNumber, signature, issuer, validity {notBefore, notAfter}, ...
+    _not_before, (tag, when) = _der_items(fields[3][1])
+    layout = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime, GeneralizedTime
+    return dt.datetime.strptime(when.decode(), layout).replace(tzinfo=dt.UTC).timestamp()
+
+
+def _der_items(data: bytes) -> list[tuple[int, bytes]]:
+    """(tag, contents) of each DER element in `data`."""
+    items, pos = [], 0
+    while pos < len(data):
+        tag, size, pos = data[pos], data[pos + 1], pos + 2
+        if size & 0x80:  # long form: the next (size & 0x7f) bytes hold the length
+            count = size & 0x7F
+            size, pos = int.from_bytes(data[pos:pos + count], "big"), pos + count
+        items.append((tag, data[pos:pos + size]))
+        pos += size
+    return items

@@ -14,9 +14,8 @@ import ssl
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import aiohttp
 
 from agent.client import fetch_ca
 from agent.enroll import enroll_request
@@ -27,6 +26,8 @@ from tests.harness import Server, free_port
 
 async def enroll_all(join: wire.JoinString, count: int) -> tuple[list[str], list[str]]:
     """(host ids, errors) of `count` simultaneous enrollments."""
+    # The agent's HTTP calls block in a worker thread: one thread per host, all at once.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(count))
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=await fetch_ca(join.url))
 
     async def one(i: int) -> str:
@@ -35,8 +36,7 @@ async def enroll_all(join: wire.JoinString, count: int) -> tuple[list[str], list
         request = wire.EnrollRequest(token=join.token, csr=pki.make_csr(pki.new_key(), f"burst-{i}"),
                                      report=report)
         source = f"127.1.{i // 250}.{i % 250 + 1}"
-        connector = aiohttp.TCPConnector(local_addr=(source, 0))
-        return (await enroll_request(join.url, request, ctx, connector=connector)).host_id
+        return (await enroll_request(join.url, request, ctx, source=source)).host_id
 
     results = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
     ids = [r for r in results if isinstance(r, str)]

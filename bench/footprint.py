@@ -17,8 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from bench.util import Sampler, private_mb, table
-from tests.harness import Agent, Fleet, Network, Server, free_port
+from tests.harness import Agent, Fleet, Network, Server, free_port, wait_for
 
 
 def tcp_bytes(ns: str, port: int) -> tuple[int, int]:
@@ -30,15 +32,20 @@ def tcp_bytes(ns: str, port: int) -> tuple[int, int]:
     return sent, received
 
 
+def last_checkin(agent: Agent) -> float | None:
+    """When the agent last checked in, from its status file."""
+    try:
+        return json.loads((agent.state / "status.json").read_text()).get("at")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def checkins_seen(agent: Agent, seconds: float) -> int:
     """Watch the agent's status file for `seconds`: how many check-ins it recorded."""
     seen, last = 0, None
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        try:
-            at = json.loads((agent.state / "status.json").read_text()).get("at")
-        except (FileNotFoundError, ValueError):
-            at = None
+        at = last_checkin(agent)
         if at is not None and at != last:
             seen += last is not None
             last = at
@@ -59,6 +66,10 @@ def run(quick: bool) -> str:
         server.wait_status(agent.host_id(), "online", 30)
         assert agent.proc is not None and agent.proc.proc is not None
         pid = agent.proc.proc.pid
+        # `join` checked in already: measure from the service's own first check-in, on
+        # the connection it keeps.
+        born = psutil.Process(pid).create_time()
+        wait_for(lambda: (last_checkin(agent) or 0) > born, 30, "the agent's first check-in")
         sampler = Sampler({"agent": pid})
         start, before = time.time(), tcp_bytes(ns, server.port)
         count = checkins_seen(agent, seconds)

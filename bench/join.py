@@ -2,7 +2,8 @@
 
 Each run adds a host in its own network namespace (its own libvirtd), the server in
 another (tests/harness.py: Fleet). virtfleet: from `virtfleet-agent join` starting to the
-server's history saying `online` (libvirt connection open). The old way (bench/oldway.sh):
+server's history saying `online` (libvirt connection open; `join` checks in itself, so
+that is usually before `run` starts). The old way (bench/oldway.sh):
 sshd on the host, key copied with the root password, libvirtd checked over ssh, first
 `virsh -c qemu+ssh://` connection. Then one connection open each way, timed alone.
 """

@@ -18,11 +18,11 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PUBLIC_KEY_TYPES
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PUBLIC_KEY_TYPES
 
 PROTOCOL_VERSION = 1
 
@@ -63,6 +63,9 @@ class WireError(ValueError):
 
 def ca_pin(public_key: PUBLIC_KEY_TYPES) -> str:
     """SHA-256 of the CA's SubjectPublicKeyInfo, as kubeadm's discovery hash."""
+    # Imported here: the agent's check-in path needs no cryptography (4 MB of its memory).
+    from cryptography.hazmat.primitives import serialization
+
     spki = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Callable
@@ -82,6 +81,7 @@ class Libvirtd:
         self.conf = base / "etc" / "libvirtd.conf"
         self.pidfile = base / "libvirtd.pid"
         self.pki = base / "pki"
+        self.start_script = base / "start-libvirtd"
         self.restart_script = base / "restart-libvirtd"
         self.uri = f"qemu:///system?socket={self.sock_dir}/libvirt-sock"
         for sub in ("sock", "etc", "run", "lib", "log", "cache", "pki/private", "pki-ca"):
@@ -95,20 +95,51 @@ class Libvirtd:
                 auth_unix_rw = "none"
                 log_outputs = "3:file:{base}/log/libvirtd.log"
                 """))
-        (base / "params.json").write_text(json.dumps(
-            {"tls_port": tls_port, "listen_addr": listen_addr, "netns": netns, "hide_kvm": hide_kvm}))
+        self._write_scripts()
+
+    def _write_scripts(self) -> None:
+        """`start-libvirtd` runs libvirtd in a private mount namespace (with --listen once the
+        agent has set TLS up); `restart-libvirtd`, the agent's restart_command, kills it and
+        starts it again. Plain shell: no interpreter to start, as quick as systemd's restart."""
+        # QEMU's capabilities take libvirtd seconds to probe: share the cache between
+        # test libvirtds (those without KVM see other capabilities: their own cache).
+        cache = self.base / "cache" if self.hide_kvm else SHARED_CACHE
+        mounts = [(self.base / "etc", "/etc/libvirt"), (self.base / "run", "/run/libvirt"),
+                  (self.base / "lib", "/var/lib/libvirt"), (self.base / "log", "/var/log/libvirt"),
+                  (cache, "/var/cache/libvirt"),
+                  # libvirt's default TLS paths too: `virt-admin server-update-tls` rereads
+                  # only those, whatever libvirtd.conf says.
+                  (self.base / "pki", "/etc/pki/libvirt"), (self.base / "pki-ca", "/etc/pki/CA")]
+        start = "#!/bin/sh\nset -e\n"
+        for source, target in mounts:
+            start += f"mkdir -p {source} {target} && mount --bind {source} {target}\n"
+        if self.hide_kvm:
+            start += "mount --bind /dev/null /dev/kvm\n"
+        # Pinned to one CPU: libvirt keys its QEMU capability cache on the host CPUID, which
+        # differs between the cores of this VM, and a cache miss costs ~8 s of probing.
+        # `libvirtd -d` returns once it listens.
+        start += textwrap.dedent(f"""\
+            listen=""
+            if grep -q "BEGIN virtfleet" {self.conf}; then listen=--listen; fi
+            rm -f {self.pidfile}
+            exec taskset -c 0 libvirtd -d -f {self.conf} -p {self.pidfile} $listen \\
+                </dev/null >>{self.base}/log/stdio.log 2>&1
+            """)
+        self.start_script.write_text(start)
         self.restart_script.write_text(textwrap.dedent(f"""\
             #!/bin/sh
-            # Restart this test's libvirtd (what libvirt.restart_command runs).
-            exec {sys.executable} -c 'import sys; sys.path.insert(0, "{ROOT}"); \\
-            from tests.harness import Libvirtd; Libvirtd.from_dir("{base}").restart()'
+            # Restart this test's libvirtd: kill it, wait until it is gone (it holds its
+            # pidfile lock and its ports), start it again.
+            pid=$(cat {self.pidfile} 2>/dev/null)
+            if [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; then
+                while [ "$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null || echo Z)" != Z ]; do
+                    sleep 0.01
+                done
+            fi
+            rm -f {self.sock_dir}/libvirt-sock
+            exec unshare -m --propagation private sh {self.start_script}
             """))
         self.restart_script.chmod(0o755)
-
-    @classmethod
-    def from_dir(cls, base: str) -> Libvirtd:
-        params = json.loads((Path(base) / "params.json").read_text())
-        return cls(Path(base), **params)
 
     def agent_config(self, **extra: Any) -> str:
         """The [libvirt] part of an agent.toml pointing at this libvirtd."""
@@ -138,34 +169,13 @@ class Libvirtd:
         return pid if pid_alive(pid) else None
 
     def start(self) -> None:
-        # QEMU's capabilities take libvirtd seconds to probe: share the cache between
-        # test libvirtds (those without KVM see other capabilities: their own cache).
-        cache = self.base / "cache" if self.hide_kvm else SHARED_CACHE
-        cache.mkdir(parents=True, exist_ok=True)
-        mounts = [(self.base / "etc", "/etc/libvirt"), (self.base / "run", "/run/libvirt"),
-                  (self.base / "lib", "/var/lib/libvirt"), (self.base / "log", "/var/log/libvirt"),
-                  (cache, "/var/cache/libvirt"),
-                  # libvirt's default TLS paths too: `virt-admin server-update-tls` rereads
-                  # only those, whatever libvirtd.conf says.
-                  (self.base / "pki", "/etc/pki/libvirt"), (self.base / "pki-ca", "/etc/pki/CA")]
-        script = "set -e\n"
-        for source, target in mounts:
-            script += f"mkdir -p {target} && mount --bind {source} {target}\n"
-        if self.hide_kvm:
-            script += "mount --bind /dev/null /dev/kvm\n"
-        listen = "--listen" if self.tls_configured else ""
-        # Pinned to one CPU: libvirt keys its QEMU capability cache on the host CPUID, which
-        # differs between the cores of this VM, and a cache miss costs ~8 s of probing.
-        script += (f"exec taskset -c 0 libvirtd -d -f {self.conf} -p {self.pidfile} {listen} "
-                   f"</dev/null >>{self.base}/log/stdio.log 2>&1\n")
-        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", str(self.start_script)]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns] + cmd
-        self.pidfile.unlink(missing_ok=True)
         subprocess.run(cmd, check=True, timeout=30)
         wait_for(lambda: self.pid() and (self.sock_dir / "libvirt-sock").exists(), 30,
                  "libvirtd to start")
-        if listen:
+        if self.tls_configured:
             wait_for(lambda: self._tls_listening(), 30, "libvirtd's TLS port")
 
     def _tls_listening(self) -> bool:
@@ -181,10 +191,6 @@ class Libvirtd:
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not pid_alive(pid), 10, "libvirtd to exit")
         (self.sock_dir / "libvirt-sock").unlink(missing_ok=True)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
 
 class Proc:

@@ -99,6 +99,22 @@ def test_join_lists_the_host_with_its_facts(server: Server, make_agent: MakeAgen
     assert host["id"] in status and server.url in status
 
 
+def test_a_checking_in_agent_loads_only_what_it_needs(server: Server, make_agent: MakeAgent) -> None:
+    """Its memory budget (bench/footprint.py): no aiohttp or psutil, no cryptography until
+    it renews, no libsystemd when it logs to stderr."""
+    agent = make_agent("hv-lean", None)
+    assert agent.join(server.token()).returncode == 0
+    host_id = agent.host_id()
+    joined = server.host(host_id)["last_checkin"]
+    agent.start()
+    wait_for(lambda: server.host(host_id)["last_checkin"] > joined, 10, "the service's check-in")
+    assert agent.proc and agent.proc.proc
+    maps = Path(f"/proc/{agent.proc.proc.pid}/maps").read_text()
+    assert "libvirt" in maps  # what it does need
+    for library in ("aiohttp", "psutil", "cryptography", "libsystemd"):
+        assert library not in maps, library
+
+
 def test_server_restart_keeps_hosts_and_tokens(start_server: Callable[..., Server],
                                                make_agent: MakeAgent) -> None:
     server = start_server()

@@ -61,6 +61,18 @@ def test_join_brings_the_host_online_over_tls(server: Server, libvirtd: Libvirtd
     assert "connection:    online to qemu+tls://" in shown and "libvirt 9." in shown
 
 
+def test_join_checks_in_so_the_host_is_online_before_the_service_runs(
+        server: Server, libvirtd: Libvirtd, make_agent: MakeAgent) -> None:
+    agent = make_agent("hv-early", libvirtd)
+    result = agent.join(server.token())
+    assert result.returncode == 0, result.stderr
+    assert "checked in: the server says" in result.stdout
+    server.wait_status(agent.host_id(), "online", 20)
+    assert agent.proc is None  # no `virtfleet-agent run` yet
+    status = agent.run_cmd("status").stdout
+    assert "last check-in" in status and ": ok" in status, status
+
+
 def test_libvirtd_down_then_back(server: Server, libvirtd: Libvirtd, make_agent: MakeAgent) -> None:
     agent = make_agent("hv-bounce", libvirtd)
     host_id = online_host(server, agent, libvirtd)
