@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import hashlib
 import json
 import re
 import types
@@ -63,7 +62,9 @@ class WireError(ValueError):
 
 def ca_pin(public_key: PUBLIC_KEY_TYPES) -> str:
     """SHA-256 of the CA's SubjectPublicKeyInfo, as kubeadm's discovery hash."""
-    # Imported here: the agent's check-in path needs no cryptography (4 MB of its memory).
+    # Imported here: the agent's check-in path needs neither (5 MB of its memory).
+    import hashlib
+
     from cryptography.hazmat.primitives import serialization
 
     spki = public_key.public_bytes(
