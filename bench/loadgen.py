@@ -1,10 +1,16 @@
-"""Load generator: simulated hosts checking in exactly as the agent does.
+"""Load generator: simulated hosts checking in the way the agent does, cheaply.
 
-Each simulated host is the agent's own `ServerClient` (one keep-alive aiohttp session,
-its own client certificate, the wire messages of common/wire.py) driven by the loop of
-agent/runner.py: check in, then wait the interval; after a failure wait the runner's
-jittered backoff (1 s doubling to 60 s), 300 s when the identity is refused. What it
-skips is the agent's collectors: the report is built once (bench/report.py).
+What the server sees is what an agent sends: each simulated host has its own identity
+(key and certificate), keeps one mTLS connection alive between check-ins, and POSTs the
+agent's check-in body (common/wire.py's CheckinRequest around a report built once by the
+agent's real collectors, bench/report.py) every interval the server answers; after a
+failure it waits the agent's jittered backoff (1 s doubling to 60 s, at least what a
+Retry-After says), 300 s when its identity is refused, with the agent's timeouts.
+
+What it skips is the agent's HTTP client machinery: the request bytes are built once per
+host and the answer is read by a small asyncio protocol. An aiohttp client per host cost
+as much CPU per check-in as the server itself, and this machine's two cores are shared:
+the load generator must not be what is measured.
 
 Usage: loadgen.py URL IDENTITIES FIRST COUNT SCHEDULE
   SCHEDULE: "INTERVAL:SECONDS,INTERVAL:SECONDS,…" (an interval of 0 means "as the server
@@ -15,6 +21,7 @@ Usage: loadgen.py URL IDENTITIES FIRST COUNT SCHEDULE
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import signal
@@ -23,12 +30,17 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from agent.client import ServerClient, ServerError
-from agent.runner import REFUSED_WAIT
 from bench.report import simulated_report
 from common import wire
 from common.backoff import Backoff
+from server.tls import limit_tls_buffers
+
+CONNECT_TIMEOUT = 10.0  # the agent's (agent/client.py)
+TOTAL_TIMEOUT = 20.0
+REFUSED_WAIT = 300.0  # the agent's wait when the server refuses its identity
+MAX_RETRY_AFTER = 300.0
 
 
 class Stats:
@@ -53,43 +65,138 @@ class Stats:
         return text
 
 
-def error_kind(exc: ServerError) -> str:
-    """Group errors by what went wrong, not by their exact text."""
-    if exc.status is not None:
-        return f"HTTP {exc.status}"
-    text = str(exc)
-    for kind in ("Connection refused", "Timeout", "reset", "TLS", "Server disconnected"):
-        if kind.lower() in text.lower():
-            return kind
-    return text[:60]
+class Answer(Exception):
+    """A complete HTTP answer that is not a 200."""
+
+    def __init__(self, status: int, retry_after: float) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status, self.retry_after = status, retry_after
 
 
-async def host_loop(i: int, client: ServerClient, report: wire.Report, stats: Stats,
-                    interval: list[float]) -> None:
-    """agent/runner.py's check-in loop, minus collectors and status files."""
-    backoff = Backoff(base=1.0, cap=60.0)
-    await asyncio.sleep(random.random() * (interval[0] or 10.0))  # hosts start at random times
-    while True:
-        started = time.perf_counter()
-        try:
-            answer = await client.checkin(report)
-        except ServerError as exc:
-            stats.errors[error_kind(exc)] += 1
-            delay = REFUSED_WAIT if exc.identity_refused else backoff.next_delay()
+class Connection(asyncio.Protocol):
+    """One host's kept-alive TLS connection: write a request, wait for its whole answer."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.answer: asyncio.Future[bytes] | None = None
+        self.open = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.open = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(ConnectionError("Server disconnected"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 or self.answer is None or self.answer.done():
+            return
+        head = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
+        length = int(headers.get("content-length", "0"))
+        if len(self.buffer) < end + 4 + length:
+            return
+        body = bytes(self.buffer[end + 4:end + 4 + length])
+        del self.buffer[:end + 4 + length]
+        status = int(head[0].split()[1])
+        if status == 200:
+            self.answer.set_result(body)
         else:
-            stats.latencies.append((time.perf_counter() - started) * 1000)
-            stats.last_ok[i] = time.time()
-            backoff.reset()
-            delay = interval[0] or answer.checkin_interval
-        await asyncio.sleep(delay)
+            wait = headers.get("retry-after", "")
+            self.answer.set_exception(
+                Answer(status, min(float(wait), MAX_RETRY_AFTER) if wait.isdigit() else 0.0))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.open = False
+
+    async def request(self, data: bytes) -> bytes:
+        assert self.transport is not None
+        self.answer = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return await self.answer
 
 
-def client_for(url: str, identities: Path, i: int) -> ServerClient:
+def request_bytes(url: str, report: wire.Report) -> bytes:
+    """The agent's check-in POST, as it goes on the wire."""
+    body = json.dumps(wire.to_json(wire.CheckinRequest(report=report))).encode()
+    host = urlsplit(url).netloc
+    return (f"POST {wire.CHECKIN_PATH} HTTP/1.1\r\nHost: {host}\r\n"
+            "Content-Type: application/json\r\nAccept: */*\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def error_kind(exc: BaseException) -> str:
+    """Group errors by what went wrong, not by their exact text."""
+    if isinstance(exc, Answer):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return "Timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "Connection refused"
+    if isinstance(exc, ssl.SSLError):
+        return "TLS"
+    return type(exc).__name__
+
+
+class Host:
+    """One simulated host: its TLS identity, its request, its connection."""
+
+    def __init__(self, i: int, url: str, ctx: ssl.SSLContext, data: bytes) -> None:
+        self.i, self.ctx, self.data = i, ctx, data
+        parts = urlsplit(url)
+        self.address, self.port = parts.hostname or "", parts.port or 443
+        self.conn: Connection | None = None
+
+    async def checkin(self) -> float:
+        """One check-in within the agent's timeouts; returns the interval it was told."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TOTAL_TIMEOUT
+        if self.conn is None or not self.conn.open:
+            _, self.conn = await asyncio.wait_for(
+                loop.create_connection(Connection, self.address, self.port, ssl=self.ctx),
+                CONNECT_TIMEOUT)
+        try:
+            body = await asyncio.wait_for(self.conn.request(self.data), deadline - loop.time())
+        except BaseException:
+            self.conn.close()  # the agent's client, too, drops a connection that failed
+            raise
+        return float(json.loads(body)["checkin_interval"])
+
+    async def loop(self, stats: Stats, interval: list[float]) -> None:
+        """agent/runner.py's check-in loop, minus collectors and status files."""
+        backoff = Backoff(base=1.0, cap=60.0)
+        await asyncio.sleep(random.random() * (interval[0] or 10.0))  # hosts start at random times
+        while True:
+            started = time.perf_counter()
+            try:
+                told = await self.checkin()
+            except Answer as exc:
+                stats.errors[error_kind(exc)] += 1
+                delay = REFUSED_WAIT if exc.status in (401, 403) else backoff.next_delay(exc.retry_after)
+            except (TimeoutError, OSError, ValueError, KeyError) as exc:
+                stats.errors[error_kind(exc)] += 1
+                delay = backoff.next_delay()
+            else:
+                stats.latencies.append((time.perf_counter() - started) * 1000)
+                stats.last_ok[self.i] = time.time()
+                backoff.reset()
+                delay = interval[0] or told
+            await asyncio.sleep(delay)
+
+
+def context_for(identities: Path, i: int) -> ssl.SSLContext:
     """The agent's State.client_context(), from the seeded identity files."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(identities / "ca.crt"))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(identities / f"{i}.pem")
-    return ServerClient(url, ctx)
+    return ctx
 
 
 async def run(url: str, identities: Path, first: int, count: int,
@@ -101,8 +208,12 @@ async def run(url: str, identities: Path, first: int, count: int,
     tasks = []
     for i in range(first, first + count):
         report = wire.Report(**{**vars(base), "hostname": f"sim-{i:05d}"})
-        tasks.append(asyncio.create_task(host_loop(i, client_for(url, identities, i), report,
-                                                   stats, interval)))
+        host = Host(i, url, context_for(identities, i), request_bytes(url, report))
+        tasks.append(asyncio.create_task(host.loop(stats, interval)))
+    # The collector's pauses would count as the server's latency: the hosts made above
+    # live for the whole run, so keep the collector off them and rare.
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)
     print(json.dumps({"ready": count}), flush=True)
     for step, (step_interval, seconds) in enumerate(schedule):
         stats.step, interval[0] = step, step_interval
@@ -117,6 +228,7 @@ async def run(url: str, identities: Path, first: int, count: int,
 def main() -> int:
     url, identities, first, count, schedule = sys.argv[1:6]
     steps = [(float(a), float(b)) for a, b in (s.split(":") for s in schedule.split(","))]
+    limit_tls_buffers()  # 256 KiB per connection otherwise: 5,000 hosts held 1.2 GB
     base = simulated_report()  # before our loop: it runs the collectors in one of its own
     asyncio.run(run(url, Path(identities), int(first), int(count), steps, base))
     return 0

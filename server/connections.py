@@ -34,6 +34,7 @@ from common.backoff import Backoff
 from common.files import write_atomic
 from common.logs import event
 from server.hosts import CONNECTING, ERROR, ONLINE, Connection
+from server.store import Host
 
 if TYPE_CHECKING:
     from server.fleet import Fleet
@@ -112,7 +113,7 @@ class ConnectionManager:
         self._loop = asyncio.get_running_loop()
         libvirt_events.start()
         for host in self.fleet.store.list_hosts():
-            self.host_changed(host.id)
+            self.host_changed(host.id, host=host)
 
     async def stop(self) -> None:
         tasks = [link.task for link in self.links.values() if link.task]
@@ -124,21 +125,28 @@ class ConnectionManager:
         self.links.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def host_changed(self, host_id: str, libvirtd_recovered: bool = False) -> None:
+    def host_changed(self, host_id: str, libvirtd_recovered: bool = False,
+                     host: Host | None = None) -> None:
         """Something about the host changed (check-in, admin action): start, stop or wake
-        its connection task. Cheap when nothing needs doing; safe before start()."""
+        its connection task. `host`: its current row, when the caller holds one. Cheap when
+        nothing needs doing (a check-in calls it); safe before start()."""
         if self._loop is None:
             return
-        host = self.fleet.store.get_host(host_id)
-        wanted = host is not None and host.admin_state == "enabled"
-        link = self.links.get(host_id)
-        if not wanted:
+        if host is None:
+            host = self.fleet.store.get_host(host_id)
+        if host is None or host.admin_state != "enabled":
             self._drop(host_id)
             return
+        link = self.links.get(host_id)
         if link is None:
             link = self.links[host_id] = Link(host_id, wake=asyncio.Event(), closed=asyncio.Event())
-            link.task = asyncio.create_task(self._run(link), name=f"libvirt-{host_id}")
-        elif libvirtd_recovered or link.idle:
+        ready = not_ready_reason(host) is None
+        if link.task is None:
+            # Started once the host is ready: a host that never reports a TLS endpoint
+            # costs a Link, not a task.
+            if ready:
+                link.task = asyncio.create_task(self._run(link), name=f"libvirt-{host_id}")
+        elif libvirtd_recovered or (link.idle and ready):
             # A backoff in progress is cut short only by news that libvirtd is back.
             assert link.wake is not None
             link.wake.set()
@@ -161,8 +169,7 @@ class ConnectionManager:
         try:
             while True:
                 link.wake.clear()
-                reason = self._not_ready_reason(link.host_id)
-                if reason is None:
+                if not_ready_reason(self.fleet.store.get_host(link.host_id)) is None:
                     ok = await self._connect(link)
                     if ok:
                         backoff.reset()
@@ -176,18 +183,6 @@ class ConnectionManager:
         except asyncio.CancelledError:
             await self._close(link)
             raise
-
-    def _not_ready_reason(self, host_id: str) -> str | None:
-        host = self.fleet.store.get_host(host_id)
-        if host is None or host.admin_state != "enabled":
-            return "not enabled"
-        if host.status == "offline":
-            return "offline"
-        if not (host.report.get("libvirtd") or {}).get("ok"):
-            return "libvirtd down"
-        if not host.report.get("libvirt_endpoint"):
-            return "no TLS endpoint reported yet"
-        return None
 
     async def _wait(self, event_: asyncio.Event, timeout: float) -> None:
         try:
@@ -335,6 +330,19 @@ class ConnectionManager:
         write_atomic(self.pki_dir / "clientkey.pem", pki.key_pem(key), mode=0o600)
         write_atomic(cert_path, pki.cert_pem(cert))
         write_atomic(self.pki_dir / "cacert.pem", ca.cert_pem)
+
+
+def not_ready_reason(host: Host | None) -> str | None:
+    """Why the server should not try to connect to this host yet, or None."""
+    if host is None or host.admin_state != "enabled":
+        return "not enabled"
+    if host.status == "offline":
+        return "offline"
+    if not (host.report.get("libvirtd") or {}).get("ok"):
+        return "libvirtd down"
+    if not host.report.get("libvirt_endpoint"):
+        return "no TLS endpoint reported yet"
+    return None
 
 
 def _reported_kvm_problem(report: dict[str, Any]) -> str:

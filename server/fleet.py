@@ -168,6 +168,7 @@ class Fleet:
         if host.prev_cert_serial:
             # The renewed certificate is in use: the old one is retired for good.
             self.store.update_host(host.id, prev_cert_serial=None)
+            host.prev_cert_serial = None
         return host
 
     def checkin(self, host: Host, req: wire.CheckinRequest, address: str) -> wire.CheckinResponse:
@@ -176,22 +177,23 @@ class Fleet:
                           f"role {req.report.role!r} is beyond what this host's join token allows "
                           f"({host.role_limit!r}): set a role within it in agent.toml")
         was_ok = bool((host.report.get("libvirtd") or {}).get("ok"))
-        report = wire.to_json(req.report)
-        self.store.record_checkin(host.id, report, address, time.time())
+        self.store.record_checkin(host, wire.to_json(req.report), address, time.time())
         if req.report.libvirtd.ok != was_ok:
             name = "libvirtd_up" if req.report.libvirtd.ok else "libvirtd_down"
             event(log, name, "host %s: agent reports libvirtd %s%s", host.hostname,
                   "up" if req.report.libvirtd.ok else "down",
                   "" if req.report.libvirtd.ok else f": {req.report.libvirtd.error}",
                   host_id=host.id, reason=req.report.libvirtd.error)
-        fresh = self.status.refresh(host.id) or host
-        self.connections.host_changed(host.id, libvirtd_recovered=req.report.libvirtd.ok and not was_ok)
+        # `host` is current (record_checkin carried the report into it): no re-reads.
+        self.status.refresh_host(host)
+        self.connections.host_changed(host.id, libvirtd_recovered=req.report.libvirtd.ok and not was_ok,
+                                      host=host)
         return wire.CheckinResponse(
-            host_id=host.id, status=fresh.status, detail=fresh.detail,
-            enabled=fresh.admin_state == "enabled", role=fresh.role,
+            host_id=host.id, status=host.status, detail=host.detail,
+            enabled=host.admin_state == "enabled", role=host.role,
             checkin_interval=self.config.checkin_interval,
             # The host moved: its libvirtd certificate no longer names the address we dial.
-            renew=fresh.libvirt_cert_address not in (None, address),
+            renew=host.libvirt_cert_address not in (None, address),
         )
 
     def renew(self, host: Host, req: wire.RenewRequest, address: str) -> wire.Identity:

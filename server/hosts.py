@@ -8,6 +8,7 @@ into (status, detail), and a change of either lands in the history with its time
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -53,6 +54,19 @@ def derive(host: Host, now: float, last_seen: float, grace: float,
     return conn.state, conn.detail
 
 
+SWEEP_BATCH = 500  # status changes per transaction; the event loop runs between batches
+
+
+@dataclass(frozen=True)
+class Change:
+    """A host's new status, and whether it goes into the history."""
+
+    status: str
+    detail: str
+    since: float
+    record: bool
+
+
 class HostStatus:
     def __init__(self, store: Store, grace: float,
                  connection_of: Callable[[str], Connection | None]) -> None:
@@ -63,44 +77,63 @@ class HostStatus:
         self.started_at = time.time()
 
     def last_seen(self, host: Host) -> float:
-        return max(host.last_checkin or host.enrolled_at, self.started_at)
+        seen = host.last_checkin or host.enrolled_at
+        # A host already offline before a restart stays offline until it checks in.
+        return seen if host.status == OFFLINE else max(seen, self.started_at)
 
     def refresh(self, host_id: str) -> Host | None:
-        """Re-derive one host's status; record it if it changed. Returns the fresh row."""
+        """Re-derive one host's status from the store; returns the fresh row."""
         host = self.store.get_host(host_id)
-        if host is None:
-            return None
-        now = time.time()
-        status, detail = derive(host, now, self.last_seen(host), self.grace,
-                                self.connection_of(host_id))
-        if (status, detail) == (host.status, host.detail):
+        return None if host is None else self.refresh_host(host)
+
+    def refresh_host(self, host: Host) -> Host:
+        """Re-derive the status of `host`, a row the caller holds up to date (a check-in
+        just wrote it: no second read); record it if it changed."""
+        change = self._change(host, time.time())
+        if change is None:
             return host
-        # A new status, or a new reason for an error, is history; a progress note is not.
-        transition = status != host.status or status == ERROR
         try:
-            self.store.set_status(host_id, status, detail, now if transition else host.status_since,
-                                  record=transition)
+            self.store.set_status(host.id, change.status, change.detail, change.since,
+                                  record=change.record)
         except sqlite3.Error as exc:
             # The store is full or read-only: the change is kept in no history, but the
             # callers (check-in, connection manager) must carry on; it is re-derived later.
-            log.error("cannot record status %s for host %s: %s", status, host_id, exc)
+            log.error("cannot record status %s for host %s: %s", change.status, host.id, exc)
             return host
-        if transition:
-            level = logging.WARNING if status in (ERROR, OFFLINE) else logging.INFO
-            event(log, "status_changed", "host %s (%s): %s -> %s: %s", host.hostname, host_id,
-                  host.status, status, detail, level=level, host_id=host_id, status=status,
-                  reason=detail)
-            host.status_since = now
-        host.status, host.detail = status, detail
+        self._announce(host, change)
         return host
 
-    def sweep(self) -> list[tuple[str, str, str, float]]:
-        """Mark hosts whose check-ins stopped as offline (and nothing else); returns the
-        liveness rows it read."""
+    def _change(self, host: Host, now: float) -> Change | None:
+        status, detail = derive(host, now, self.last_seen(host), self.grace,
+                                self.connection_of(host.id))
+        if (status, detail) == (host.status, host.detail):
+            return None
+        # A new status, or a new reason for an error, is history; a progress note is not.
+        transition = status != host.status or status == ERROR
+        return Change(status, detail, now if transition else host.status_since, transition)
+
+    def _announce(self, host: Host, change: Change) -> None:
+        """Log a recorded change and carry it into the row the caller holds."""
+        if change.record:
+            level = logging.WARNING if change.status in (ERROR, OFFLINE) else logging.INFO
+            event(log, "status_changed", "host %s (%s): %s -> %s: %s", host.hostname, host.id,
+                  host.status, change.status, change.detail, level=level, host_id=host.id,
+                  status=change.status, reason=change.detail)
+        host.status, host.detail, host.status_since = change.status, change.detail, change.since
+
+    async def sweep(self) -> None:
+        """Mark hosts whose check-ins stopped as offline (and offline hosts that checked in
+        as not). SQLite picks the few hosts whose freshness disagrees with their status;
+        their changes are written in batches, one transaction (one fsync) each, and the
+        event loop serves check-ins between batches: after an outage thousands of hosts
+        may change at once, and a commit each would stall the server for seconds."""
         now = time.time()
-        liveness = self.store.liveness()
-        for host_id, admin_state, status, seen in liveness:
-            stale = now - max(seen, self.started_at) > self.grace
-            if admin_state == "enabled" and stale != (status == OFFLINE):
-                self.refresh(host_id)
-        return liveness
+        due = self.store.hosts_to_sweep(now - self.grace, self.started_at)
+        for start in range(0, len(due), SWEEP_BATCH):
+            batch = [h for h in map(self.store.get_host, due[start:start + SWEEP_BATCH]) if h]
+            changes = [(h, c) for h in batch if (c := self._change(h, now)) is not None]
+            self.store.set_statuses([(h.id, c.status, c.detail, c.since, c.record)
+                                     for h, c in changes])
+            for host, change in changes:
+                self._announce(host, change)
+            await asyncio.sleep(0)

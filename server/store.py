@@ -84,7 +84,22 @@ MIGRATIONS = [
     """
     CREATE INDEX hosts_prev_cert_serial ON hosts(prev_cert_serial);
     """,
+    # 4: the offline sweep and the status counts, every second, read only this covering
+    # index instead of every host's row with its report (22 ms -> 6 ms at 10,000 hosts).
+    """
+    CREATE INDEX hosts_liveness ON hosts(admin_state, status, last_checkin, enrolled_at, id);
+    """,
 ]
+
+
+# What the offline sweep reads every second (from the hosts_liveness index alone).
+SWEEP_SQL = ("SELECT id FROM hosts WHERE admin_state='enabled' AND CASE WHEN status='offline' "
+             "THEN COALESCE(last_checkin, enrolled_at) >= ? "
+             "ELSE MAX(COALESCE(last_checkin, enrolled_at), ?) < ? END")
+COUNTS_SQL = "SELECT status, COUNT(*) FROM hosts GROUP BY status"
+
+CHECKIN_FLUSH = 0.1  # seconds between writes of queued check-ins (the server's loop)
+CHECKIN_BATCH = 2000  # queued check-ins that are written at once, whatever the time
 
 
 class StoreError(Exception):
@@ -166,8 +181,15 @@ class Store:
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA busy_timeout=5000")
         self._migrate()
+        # Check-ins written behind (record_checkin): host id -> its UPDATE's values.
+        self._checkins: dict[str, tuple[float, str, str, str, str, str]] = {}
+        self._write_error: sqlite3.Error | None = None
 
     def close(self) -> None:
+        try:
+            self.flush_checkins()
+        except sqlite3.Error as exc:
+            log.error("the last check-ins could not be written: %s", exc)
         self.db.close()
 
     def _migrate(self) -> None:
@@ -190,10 +212,11 @@ class Store:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # a COMMIT refused by a full disk leaves it open
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     # -- tokens ------------------------------------------------------------
 
@@ -266,6 +289,7 @@ class Store:
         }.get(token.state(now), "join token cannot be used")
 
     def get_host(self, host_id: str) -> Host | None:
+        self._flush_for_read()
         row = self.db.execute("SELECT * FROM hosts WHERE id=?", (host_id,)).fetchone()
         return _host(row) if row else None
 
@@ -274,44 +298,92 @@ class Store:
         row = (self.db.execute("SELECT * FROM hosts WHERE cert_serial=?", (serial,)).fetchone()
                or self.db.execute("SELECT * FROM hosts WHERE prev_cert_serial=?",
                                   (serial,)).fetchone())
-        return _host(row) if row else None
+        if row is None:
+            return None
+        host = _host(row)
+        queued = self._checkins.get(host.id)
+        if queued is not None:  # the hot path: no flush, the queued check-in laid over
+            _apply_checkin(host, queued[0], json.loads(queued[1]), queued[5])
+        return host
 
     def list_hosts(self) -> list[Host]:
+        self._flush_for_read()
         rows = self.db.execute("SELECT * FROM hosts ORDER BY hostname, id").fetchall()
         return [_host(r) for r in rows]
 
-    def liveness(self) -> list[tuple[str, str, str, float]]:
-        """(id, admin_state, status, last check-in or enrollment) of every host: what the
-        offline sweeper needs, without loading reports."""
-        rows = self.db.execute(
-            "SELECT id, admin_state, status, COALESCE(last_checkin, enrolled_at) FROM hosts"
-        ).fetchall()
-        return [tuple(r) for r in rows]  # type: ignore[misc]
+    def hosts_to_sweep(self, cutoff: float, started_at: float) -> list[str]:
+        """Enabled hosts whose status disagrees with their freshness: not offline but no
+        check-in since `cutoff` (a server start counts as one), or offline but checked in
+        since. The scan runs in SQLite: no row of the others reaches Python."""
+        self._flush_for_read()
+        rows = self.db.execute(SWEEP_SQL, (cutoff, started_at, cutoff)).fetchall()
+        return [r[0] for r in rows]
 
-    def record_checkin(self, host_id: str, report: dict[str, Any], address: str,
+    def status_counts(self) -> dict[str, int]:
+        self._flush_for_read()
+        rows = self.db.execute(COUNTS_SQL).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def record_checkin(self, host: Host, report: dict[str, Any], address: str,
                        now: float) -> None:
-        # The next check-in rewrites all of this, so losing the last one in a crash costs
-        # nothing, while an fsync per check-in would cap the server's rate: no fsync here.
+        """Carry a check-in into `host` (the caller's row stays current) and queue its write.
+
+        Check-ins are written behind, many to a transaction (`flush_checkins`, which the
+        server runs every CHECKIN_FLUSH seconds): a transaction each was a third of a
+        check-in's cost. They skip the fsync too. A crash loses the last fraction of a
+        second of them, which the next check-ins rewrite. Reads see them all: every read
+        flushes first, and the check-in's own lookup (`host_by_serial`) lays the queued
+        one over the row. While writes fail, a check-in fails too, so agents are told."""
+        _apply_checkin(host, now, report, address)
+        # Kept as JSON text: queued dicts would be what the garbage collector walks.
+        self._checkins[host.id] = (now, json.dumps(report), report["hostname"], report["role"],
+                                   report["agent_version"], address)
+        if self._write_error is not None or len(self._checkins) >= CHECKIN_BATCH:
+            self.flush_checkins()
+
+    def flush_checkins(self) -> None:
+        """Write the queued check-ins in one transaction; raises (and keeps them) if the
+        store cannot write."""
+        if not self._checkins:
+            return
+        rows = [(*queued, host_id) for host_id, queued in self._checkins.items()]
         self.db.execute("PRAGMA synchronous=NORMAL")
         try:
-            self.db.execute(
-                "UPDATE hosts SET last_checkin=?, report=?, hostname=?, configured_role=?, "
-                "agent_version=?, address=? WHERE id=?",
-                (now, json.dumps(report), report["hostname"], report["role"],
-                 report["agent_version"], address, host_id),
-            )
+            with self.transaction() as db:
+                db.executemany(
+                    "UPDATE hosts SET last_checkin=?, report=?, hostname=?, configured_role=?, "
+                    "agent_version=?, address=? WHERE id=?", rows)
+        except sqlite3.Error as exc:
+            self._write_error = exc
+            raise
         finally:
             self.db.execute("PRAGMA synchronous=FULL")
+        self._write_error = None
+        self._checkins.clear()
+
+    def _flush_for_read(self) -> None:
+        """Before a read: queued check-ins in. A store that cannot write still reads."""
+        try:
+            self.flush_checkins()
+        except sqlite3.Error as exc:
+            log.debug("reading without the queued check-ins: %s", exc)
 
     def set_status(self, host_id: str, status: str, detail: str, since: float,
                    record: bool = True) -> None:
         """Set the current status; with `record`, also append it to the history."""
+        self.set_statuses([(host_id, status, detail, since, record)])
+
+    def set_statuses(self, changes: list[tuple[str, str, str, float, bool]]) -> None:
+        """Several hosts' (id, status, detail, since, record) in one transaction."""
+        if not changes:
+            return
         with self.transaction() as db:
-            db.execute("UPDATE hosts SET status=?, detail=?, status_since=? WHERE id=?",
-                       (status, detail, since, host_id))
-            if record:
-                db.execute("INSERT INTO host_events(host_id, at, status, detail) VALUES (?,?,?,?)",
-                           (host_id, since, status, detail))
+            db.executemany("UPDATE hosts SET status=?, detail=?, status_since=? WHERE id=?",
+                           [(status, detail, since, host_id)
+                            for host_id, status, detail, since, _ in changes])
+            db.executemany("INSERT INTO host_events(host_id, at, status, detail) VALUES (?,?,?,?)",
+                           [(host_id, since, status, detail)
+                            for host_id, status, detail, since, record in changes if record])
 
     def update_host(self, host_id: str, **columns: Any) -> None:
         """Set admin-owned columns (admin_state, role_override, certificate fields)."""
@@ -342,12 +414,19 @@ class Store:
         return [(r["serial"], r["revoked_at"]) for r in rows]
 
     def history(self, host_id: str, limit: int = 50) -> list[Event]:
+        self._flush_for_read()
         rows = self.db.execute(
             "SELECT at, status, detail FROM host_events WHERE host_id=? "
             "ORDER BY seq DESC LIMIT ?",
             (host_id, limit),
         ).fetchall()
         return [Event(r["at"], r["status"], r["detail"]) for r in reversed(rows)]
+
+
+def _apply_checkin(host: Host, now: float, report: dict[str, Any], address: str) -> None:
+    host.last_checkin, host.report, host.address = now, report, address
+    host.hostname, host.configured_role = report["hostname"], report["role"]
+    host.agent_version = report["agent_version"]
 
 
 def _token(row: sqlite3.Row) -> Token:

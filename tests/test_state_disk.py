@@ -45,7 +45,11 @@ class FullDisk:
 class ReadOnlyDisk:
     """A loop-mounted ext4 with errors=remount-ro, switched to read-only the way the kernel
     does on an I/O error. As in real life, mending means stopping the server, checking
-    the filesystem and mounting it again."""
+    the filesystem and mounting it again.
+
+    The loop device is attached by hand and kept until the end: checked through a
+    second device (or a reused one) on the image file, the mount saw the loop device's
+    stale cache of the damaged superblock and came back read-only, now and then."""
 
     words = "disk I/O error"  # what sqlite says when the filesystem went read-only under it
 
@@ -54,25 +58,30 @@ class ReadOnlyDisk:
         self.mount.mkdir()
         run("truncate", "-s", "32M", str(self.image))
         run("mkfs.ext4", "-q", str(self.image))
+        self.device = subprocess.run(["losetup", "--find", "--show", str(self.image)], check=True,
+                                     capture_output=True, text=True).stdout.strip()
         self._mount()
 
     def _mount(self) -> None:
-        run("mount", "-o", "loop,errors=remount-ro", str(self.image), str(self.mount))
+        run("mount", "-o", "errors=remount-ro", self.device, str(self.mount))
 
     def break_(self) -> None:
-        device = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(self.mount)], check=True,
-                                capture_output=True, text=True).stdout.strip()
-        Path(f"/sys/fs/ext4/{Path(device).name}/trigger_fs_error").write_text("1")
+        Path(f"/sys/fs/ext4/{Path(self.device).name}/trigger_fs_error").write_text("1")
 
     def mend(self, server: Server) -> None:
         server.proc.stop()
         run("umount", str(self.mount))
-        run("e2fsck", "-fy", str(self.image), check=False)  # 1: errors fixed, which is fine
+        # e2fsck: 0 or 1 (errors fixed) is fine; 8 while the kernel still lets go of the
+        # device after the umount, so try again.
+        wait_for(lambda: subprocess.run(["e2fsck", "-fy", self.device],
+                                        capture_output=True).returncode < 4, 10,
+                 "e2fsck to check the filesystem")
         self._mount()
         server.start()
 
     def close(self) -> None:
         run("umount", "-l", str(self.mount), check=False)
+        run("losetup", "-d", self.device, check=False)
 
 
 def run(*argv: str, check: bool = True) -> None:

@@ -18,8 +18,8 @@ from common.cli import duration
 from server.app import RateLimiter
 from server.cli import build_parser as server_parser
 from server.connections import _reported_kvm_problem
-from server.hosts import Connection, derive
-from server.store import Host, Store, Token
+from server.hosts import SWEEP_BATCH, Connection, HostStatus, derive
+from server.store import COUNTS_SQL, SWEEP_SQL, Host, Store, Token
 
 
 def test_backoff_grows_caps_and_resets() -> None:
@@ -169,4 +169,61 @@ def test_a_check_in_finds_its_host_by_index_not_by_scanning(tmp_path: Path) -> N
         plan = store.db.execute(f"EXPLAIN QUERY PLAN SELECT * FROM hosts WHERE {column}=?",
                                 ("ab",)).fetchall()
         assert all("USING INDEX" in row["detail"] for row in plan), [row["detail"] for row in plan]
+    store.close()
+
+
+def _store_with_hosts(tmp_path: Path, hosts: list[Host]) -> Store:
+    store = Store(tmp_path / "state.db")
+    store.add_token(Token(jti="t1", role="mixed", auto_enable=True, max_uses=len(hosts), uses=0,
+                          created_at=0, expires_at=1e12, revoked_at=None, description=""))
+    for host in hosts:
+        store.enroll(host, now=host.enrolled_at)
+    return store
+
+
+def test_sweep_picks_only_hosts_whose_freshness_disagrees_with_their_status(tmp_path: Path) -> None:
+    now = time.time()
+    store = _store_with_hosts(tmp_path, [
+        _host(id="fresh", cert_serial="1", token_jti="t1", last_checkin=now),
+        _host(id="stale", cert_serial="2", token_jti="t1", last_checkin=now - 100),
+        _host(id="off-stale", cert_serial="3", token_jti="t1", status="offline",
+              last_checkin=now - 100),
+        _host(id="off-back", cert_serial="4", token_jti="t1", status="offline", last_checkin=now),
+        _host(id="disabled", cert_serial="5", token_jti="t1", admin_state="disabled",
+              last_checkin=now - 100),
+    ])
+    assert sorted(store.hosts_to_sweep(now - 30, started_at=0)) == ["off-back", "stale"]
+    # Within the grace period after a server start nobody is stale; the offline host that
+    # checked in is still due.
+    assert store.hosts_to_sweep(now - 30, started_at=now - 5) == ["off-back"]
+    store.close()
+
+
+def test_a_sweep_marks_thousands_offline_in_a_few_commits_and_keeps_offline_hosts_offline(
+        tmp_path: Path) -> None:
+    now = time.time()
+    many = [_host(id=f"h{i}", cert_serial=f"s{i}", token_jti="t1", last_checkin=now - 100)
+            for i in range(1200)]
+    store = _store_with_hosts(tmp_path, many)
+    commits: list[str] = []
+    store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    status = HostStatus(store, grace=30, connection_of=lambda _id: None)
+    status.started_at = now - 60  # a server that has run longer than the grace period
+    asyncio.run(status.sweep())
+    assert store.status_counts() == {"offline": 1200}
+    assert len(commits) == -(-1200 // SWEEP_BATCH)  # one commit per batch, not per host
+    assert [e.status for e in store.history("h7")] == ["online", "offline"]
+    # After a restart a host already offline stays offline until it checks in.
+    restarted = HostStatus(store, grace=30, connection_of=lambda _id: None)
+    assert store.hosts_to_sweep(now - 30, restarted.started_at) == []
+    host = store.get_host("h7")
+    assert host is not None and restarted.refresh_host(host).status == "offline"
+    store.close()
+
+
+def test_the_sweep_reads_an_index_not_the_hosts_rows(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    for query, args in ((COUNTS_SQL, ()), (SWEEP_SQL, (1, 1, 1))):
+        plan = [row["detail"] for row in store.db.execute(f"EXPLAIN QUERY PLAN {query}", args)]
+        assert any("COVERING INDEX hosts_liveness" in step for step in plan), plan
     store.close()
