@@ -14,8 +14,9 @@ the load generator must not be what is measured.
 
 Usage: loadgen.py URL IDENTITIES FIRST COUNT SCHEDULE
   SCHEDULE: "INTERVAL:SECONDS,INTERVAL:SECONDS,…" (an interval of 0 means "as the server
-  says"). Prints one JSON line per second: step, ok, errors (by kind), latencies (ms),
-  and `recovered`: hosts with a successful check-in since the last SIGUSR1 (the mark).
+  says"); SIGUSR2 ends the current step early. Prints one JSON line per second: step, ok,
+  errors (by kind), latencies (ms), and `recovered`: hosts with a successful check-in
+  since the last SIGUSR1 (the mark).
 """
 
 from __future__ import annotations
@@ -214,11 +215,14 @@ async def run(url: str, identities: Path, first: int, count: int,
     # live for the whole run, so keep the collector off them and rare.
     gc.freeze()
     gc.set_threshold(100_000, 50, 1000)
+    advance = asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR2, advance.set)
     print(json.dumps({"ready": count}), flush=True)
     for step, (step_interval, seconds) in enumerate(schedule):
         stats.step, interval[0] = step, step_interval
+        advance.clear()
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not advance.is_set():
             await asyncio.sleep(1.0 - time.time() % 1.0)  # lines on whole seconds
             print(stats.line(), flush=True)
     for task in tasks:
