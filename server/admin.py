@@ -67,14 +67,11 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
 
 async def get_status(request: web.Request) -> web.Response:
     fleet = fleet_of(request)
-    hosts = fleet.store.list_hosts()
-    counts: dict[str, int] = {}
-    for host in hosts:
-        counts[host.status] = counts.get(host.status, 0) + 1
+    counts = fleet.store.status_counts()  # from an index: cheap with 10,000 hosts
     return web.json_response({
         "url": fleet.config.url,
         "ca_pin": fleet.identity_ca.pin,
-        "hosts": len(hosts),
+        "hosts": sum(counts.values()),
         "by_status": counts,
         "checkin_interval": fleet.config.checkin_interval,
         "grace": fleet.config.grace,

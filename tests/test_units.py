@@ -15,7 +15,7 @@ from agent.collectors.host import parse_cpu_model
 from agent.runner import HUNG_CHECKIN, Runner, renewal_time
 from common.backoff import Backoff
 from common.cli import duration
-from server.app import RateLimiter
+from server.app import FULL_COLLECTION, GC_GROWTH, RateLimiter, full_collection_due
 from server.cli import build_parser as server_parser
 from server.connections import _reported_kvm_problem
 from server.hosts import SWEEP_BATCH, Connection, HostStatus, derive
@@ -227,3 +227,10 @@ def test_the_sweep_reads_an_index_not_the_hosts_rows(tmp_path: Path) -> None:
         plan = [row["detail"] for row in store.db.execute(f"EXPLAIN QUERY PLAN {query}", args)]
         assert any("COVERING INDEX hosts_liveness" in step for step in plan), plan
     store.close()
+
+
+def test_a_full_garbage_collection_is_due_by_time_or_after_memory_grew() -> None:
+    assert not full_collection_due(since=10, grown=0)
+    assert full_collection_due(since=FULL_COLLECTION, grown=0)
+    assert full_collection_due(since=10, grown=GC_GROWTH)
+    assert not full_collection_due(since=10, grown=-GC_GROWTH)  # shrinking is no reason
