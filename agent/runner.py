@@ -62,6 +62,9 @@ class Runner:
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._checkin_since: float | None = None  # monotonic start of the running check-in
+        self.reported_libvirtd_ok: bool | None = None  # what the server last heard
+        self._reported_down = asyncio.Event()
+        self._libvirtd_up: bool | None = None  # as last seen, for the up/down events
         self.last: dict[str, Any] = state.load_status()
 
     async def start(self) -> None:
@@ -104,11 +107,15 @@ class Runner:
     async def checkin_once(self) -> float:
         """One check-in; returns how long to wait before the next."""
         report = await build_report(self.config, self.local)
+        self._saw_libvirtd(report.libvirtd.ok)
         try:
             answer = await self.client.checkin(report)
         except ServerError as exc:
             return self._failed(exc)
         self.backoff.reset()
+        self.reported_libvirtd_ok = report.libvirtd.ok
+        if not report.libvirtd.ok:
+            self._reported_down.set()
         self._record(report, ok=True, status=answer.status, detail=answer.detail)
         detail = "" if answer.status == "online" else f": {answer.detail}"
         notify.status(f"{answer.status} as {report.hostname} (host {answer.host_id}){detail}; "
@@ -174,17 +181,30 @@ class Runner:
     # -- libvirtd watch -------------------------------------------------------------
 
     async def _libvirtd_watch(self) -> None:
-        was_up: bool | None = None
+        """Probe libvirtd; check in early when the server was last told otherwise. While
+        the last report said "down" it probes every second: libvirtd killed and restarted
+        between two probes was seen down only by the check-in its close callback set off,
+        and its return then waited for the next regular check-in (10 s, bench/detect.py)."""
         while True:
             up = (await asyncio.to_thread(self.local.connection)) is not None
-            if up != was_up and was_up is not None:
-                name = "libvirtd_up" if up else "libvirtd_down"
-                event(log, name, "local libvirtd is %s%s", "up" if up else "down",
-                      "" if up else f": {self.local.error}", level=logging.INFO if up else logging.WARNING,
-                      host_id=self.enrollment.host_id, reason=self.local.error)
-                self.early.set()
-            was_up = up
-            await asyncio.sleep(LIBVIRTD_PROBE if not up else 5 * LIBVIRTD_PROBE)
+            self._saw_libvirtd(up)
+            told = self.reported_libvirtd_ok
+            if told is not None and up != told and self.last.get("ok"):
+                self.early.set()  # (not while check-ins fail: their backoff stands)
+            steady = up and told is not False
+            self._reported_down.clear()
+            with contextlib.suppress(asyncio.TimeoutError):  # a "down" report ends a long sleep
+                await asyncio.wait_for(self._reported_down.wait(),
+                                       5 * LIBVIRTD_PROBE if steady else LIBVIRTD_PROBE)
+
+    def _saw_libvirtd(self, up: bool) -> None:
+        """One look at libvirtd (a probe or a check-in's report): log when it changed."""
+        if self._libvirtd_up is not None and up != self._libvirtd_up:
+            name = "libvirtd_up" if up else "libvirtd_down"
+            event(log, name, "local libvirtd is %s%s", "up" if up else "down",
+                  "" if up else f": {self.local.error}", level=logging.INFO if up else logging.WARNING,
+                  host_id=self.enrollment.host_id, reason=self.local.error)
+        self._libvirtd_up = up
 
     # -- renewal -----------------------------------------------------------------
 

@@ -93,6 +93,24 @@ def test_libvirtd_down_then_back(server: Server, libvirtd: Libvirtd, make_agent:
     assert statuses[-1][0] == "online"
 
 
+def test_libvirtd_restarted_at_once_is_back_online_before_the_next_regular_checkin(
+        start_server: Callable[..., Server], libvirtd: Libvirtd, make_agent: MakeAgent) -> None:
+    # The default interval (10 s): the return must come from the agent's watch, not the
+    # next regular check-in, even when libvirtd came back before any probe saw it down.
+    server = start_server("--checkin-interval", "10", "--grace", "30")
+    agent = make_agent("hv-blink", libvirtd)
+    host_id = online_host(server, agent, libvirtd)
+    first = server.host(host_id)["connection"]["connected_since"]
+    libvirtd.stop()
+    libvirtd.start()
+    back = time.monotonic()  # libvirtd listens again
+    wait_for(lambda: (h := server.host(host_id))["status"] == "online"
+             and h["connection"]["connected_since"] != first, 15, "online on a new connection")
+    took = observed("libvirtd restarted -> online (interval 10 s)", back)
+    assert took < 3, took
+    assert any(e["status"] == "error" for e in server.host(host_id)["history"])
+
+
 def test_server_restart_reopens_connections(start_server: Callable[..., Server],
                                             libvirtd: Libvirtd, make_agent: MakeAgent) -> None:
     server = start_server()
