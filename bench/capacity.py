@@ -38,9 +38,9 @@ class Scale:
     procs: int  # load generator processes
 
 
-QUICK = Scale(hosts=200, interval=2, settle=2, hold=4, rates=[200, 400], step=3, procs=1)
+QUICK = Scale(hosts=200, interval=2, settle=3, hold=3, rates=[200, 400], step=4.5, procs=1)
 FULL = Scale(hosts=10_000, interval=10, settle=20, hold=120, rates=[600, 800, 1000, 1200, 1500],
-             step=30, procs=2)
+             step=40, procs=2)
 # Every host connecting at once (a cold start, a restart) may take minutes on 2 cores.
 STORM_PATIENCE = 900
 
@@ -48,8 +48,9 @@ STORM_PATIENCE = 900
 class LoadGen:
     """Load generator processes over a slice of the hosts each; their lines, as they come."""
 
-    def __init__(self, url: str, identities: Path, hosts: int, procs: int,
+    def __init__(self, url: str, identities: Path, scale: Scale,
                  schedule: list[tuple[float, float]], log: Path) -> None:
+        hosts, procs = scale.hosts, scale.procs
         spec = ",".join(f"{i}:{s}" for i, s in schedule)
         share = hosts // procs
         self.procs = []
@@ -58,7 +59,7 @@ class LoadGen:
             count = share if p < procs - 1 else hosts - share * (procs - 1)
             proc = subprocess.Popen(
                 [str(VENV_BIN / "python"), "-m", "bench.loadgen", url, str(identities),
-                 str(p * share), str(count), spec], cwd=ROOT, stdout=subprocess.PIPE,
+                 str(p * share), str(count), f"{scale.interval:g}", spec], cwd=ROOT, stdout=subprocess.PIPE,
                 stderr=open(log, "ab"), text=True, start_new_session=True)
             self.procs.append(proc)
             self.lines.append([])
@@ -87,8 +88,11 @@ class LoadGen:
         for proc in self.procs:
             proc.send_signal(signal.SIGUSR2)
 
-    def recovered(self) -> int:
-        return sum(lines[-1].get("recovered", 0) for lines in self.lines if len(lines) > 1)
+    def recovered(self, since: float = 0.0) -> int:
+        """Hosts whose last check-in worked, by the newest lines printed after `since` (a
+        mark's time: older lines still count from the mark before)."""
+        return sum(lines[-1].get("recovered", 0) for lines in self.lines
+                   if len(lines) > 1 and lines[-1]["t"] > since + 0.5)
 
     def window(self, start: float, end: float) -> dict[str, Any]:
         """Check-ins, errors and latencies of the seconds in [start, end)."""
@@ -150,8 +154,8 @@ def hold_and_storm(scale: Scale, work: Path, state: Path, identities: Path, seed
     port = free_port()
     server = start_server(state, port, scale, profile)
     plain_argv = start_server_argv(state, port, scale)
-    load = LoadGen(server.url, identities, scale.hosts, scale.procs, [(scale.interval, 7200)],
-                   work / "loadgen.log")
+    # Interval 0: each host waits what the server tells it, as the agent does.
+    load = LoadGen(server.url, identities, scale, [(0, 7200)], work / "loadgen.log")
     sampler = Sampler({"server": server_pid(server)})
     try:
         t0 = load.wait_ready()
@@ -171,12 +175,14 @@ def hold_and_storm(scale: Scale, work: Path, state: Path, identities: Path, seed
         # check-in and come back with their own backoff.
         t_stop = time.time()
         server.proc.stop()
+        t_mark = time.time()
         load.mark()  # once it is down: "recovered" counts check-ins after the restart
         server.proc.argv = plain_argv  # the restart is not profiled
         server.start()
         t_ready = time.time()
         sampler.watch("server", server_pid(server))
-        wait_for(lambda: load.recovered() >= scale.hosts, STORM_PATIENCE, "every host to check in again", 0.5)
+        wait_for(lambda: load.recovered(t_mark) >= scale.hosts, STORM_PATIENCE,
+                 "every host to check in again", 0.5)
         t_all = time.time()
         time.sleep(1.5)  # the last second's line
         storm = load.window(t_stop, t_all + 1)
@@ -221,8 +227,8 @@ def rate_search(scale: Scale, work: Path, state: Path, identities: Path) -> str:
         server.proc.stop()
     bare_port = free_port()
     bare = subprocess.Popen([str(VENV_BIN / "python"), "-m", "bench.bare_server", str(state),
-                             str(bare_port)], cwd=ROOT, stderr=open(work / "bare.log", "ab"),
-                            start_new_session=True)
+                             str(bare_port), f"{scale.interval:g}"], cwd=ROOT,
+                            stderr=open(work / "bare.log", "ab"), start_new_session=True)
     try:
         wait_for(lambda: subprocess.run(["ss", "-Hltn", f"sport = :{bare_port}"], capture_output=True,
                                         text=True).stdout.strip(), 20, "the bare server")
@@ -244,9 +250,9 @@ def rate_search(scale: Scale, work: Path, state: Path, identities: Path) -> str:
 def steps(scale: Scale, url: str, identities: Path, work: Path, pid: int) -> list[dict[str, Any]]:
     """Each rate for `scale.step` seconds, after a first step that lasts until every host has
     checked in once (its cold start is not measured)."""
-    schedule = [(scale.hosts / scale.rates[0], STORM_PATIENCE)]
+    schedule = [(0.0, STORM_PATIENCE)]  # the server's intervals spread the hosts out
     schedule += [(scale.hosts / rate, scale.step) for rate in scale.rates]
-    load = LoadGen(url, identities, scale.hosts, scale.procs, schedule, work / "loadgen.log")
+    load = LoadGen(url, identities, scale, schedule, work / "loadgen.log")
     sampler = Sampler({"server": pid})
     try:
         load.wait_ready()
@@ -257,8 +263,9 @@ def steps(scale: Scale, url: str, identities: Path, work: Path, pid: int) -> lis
                  scale.step * len(scale.rates) + 60, "the rate steps", 0.5)
         results = []
         for n, (interval, _) in enumerate(schedule[1:]):
-            # Hosts finish the sleep of the previous step first: measure after one interval.
-            settle = max(interval, schedule[n][0])
+            # Hosts finish the sleep of the previous step first (the server's: up to 1.5
+            # intervals): measure after that.
+            settle = max(interval, schedule[n][0] or 1.5 * scale.interval)
             a, b = t0 + n * scale.step + settle, t0 + (n + 1) * scale.step
             result = load.window(a, b)
             result["cpu"] = sampler.window("server", a, b)[0]

@@ -12,7 +12,8 @@ host and the answer is read by a small asyncio protocol. An aiohttp client per h
 as much CPU per check-in as the server itself, and this machine's two cores are shared:
 the load generator must not be what is measured.
 
-Usage: loadgen.py URL IDENTITIES FIRST COUNT SCHEDULE
+Usage: loadgen.py URL IDENTITIES FIRST COUNT START SCHEDULE
+  START: the hosts start at random moments within this many seconds.
   SCHEDULE: "INTERVAL:SECONDS,INTERVAL:SECONDS,…" (an interval of 0 means "as the server
   says"); SIGUSR2 ends the current step early. Prints one JSON line per second: step, ok,
   errors (by kind), latencies (ms), and `recovered`: hosts with a successful check-in
@@ -170,10 +171,10 @@ class Host:
             raise
         return float(json.loads(body)["checkin_interval"])
 
-    async def loop(self, stats: Stats, interval: list[float]) -> None:
+    async def loop(self, stats: Stats, interval: list[float], start: float) -> None:
         """agent/runner.py's check-in loop, minus collectors and status files."""
         backoff = Backoff(base=1.0, cap=60.0)
-        await asyncio.sleep(random.random() * (interval[0] or 10.0))  # hosts start at random times
+        await asyncio.sleep(random.random() * start)  # hosts start at random times
         while True:
             started = time.perf_counter()
             try:
@@ -200,7 +201,7 @@ def context_for(identities: Path, i: int) -> ssl.SSLContext:
     return ctx
 
 
-async def run(url: str, identities: Path, first: int, count: int,
+async def run(url: str, identities: Path, first: int, count: int, start: float,
               schedule: list[tuple[float, float]], base: wire.Report) -> None:
     stats = Stats()
     loop = asyncio.get_running_loop()
@@ -210,7 +211,7 @@ async def run(url: str, identities: Path, first: int, count: int,
     for i in range(first, first + count):
         report = wire.Report(**{**vars(base), "hostname": f"sim-{i:05d}"})
         host = Host(i, url, context_for(identities, i), request_bytes(url, report))
-        tasks.append(asyncio.create_task(host.loop(stats, interval)))
+        tasks.append(asyncio.create_task(host.loop(stats, interval, start)))
     # The collector's pauses would count as the server's latency: the hosts made above
     # live for the whole run, so keep the collector off them and rare.
     gc.freeze()
@@ -230,11 +231,11 @@ async def run(url: str, identities: Path, first: int, count: int,
 
 
 def main() -> int:
-    url, identities, first, count, schedule = sys.argv[1:6]
+    url, identities, first, count, start, schedule = sys.argv[1:7]
     steps = [(float(a), float(b)) for a, b in (s.split(":") for s in schedule.split(","))]
     limit_tls_buffers()  # 256 KiB per connection otherwise: 5,000 hosts held 1.2 GB
     base = simulated_report()  # before our loop: it runs the collectors in one of its own
-    asyncio.run(run(url, Path(identities), int(first), int(count), steps, base))
+    asyncio.run(run(url, Path(identities), int(first), int(count), float(start), steps, base))
     return 0
 
 

@@ -59,7 +59,7 @@ class Sample:
 
 @dataclass
 class Sampler:
-    """CPU and RSS of some processes, once a second, in a thread."""
+    """CPU and RSS of some processes, twice a second, in a thread."""
 
     pids: dict[str, int]
     samples: dict[str, list[Sample]] = field(default_factory=dict)
@@ -77,7 +77,7 @@ class Sampler:
                                                                     rss_mb(pid)))
                 except (FileNotFoundError, ProcessLookupError):
                     pass
-            self._stop.wait(1.0)
+            self._stop.wait(0.5)
 
     def watch(self, name: str, pid: int) -> None:
         """Follow a new process under `name` (a restarted server): its CPU starts at 0."""

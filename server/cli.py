@@ -171,6 +171,10 @@ def serve(args: argparse.Namespace) -> int:
     from server.app import serve as run_server
 
     logs.setup("virtfleet-server", args.log_level)
+    if args.grace < 2 * args.checkin_interval:
+        # Agents are told to wait up to 1.5 intervals (server/fleet.py: checkin_delay).
+        return fail(f"--grace ({args.grace:g} s) must be at least twice --checkin-interval "
+                    f"({args.checkin_interval:g} s): a healthy host would show as offline")
     lifetime = dt.timedelta(seconds=args.cert_lifetime)
     config = ServerConfig(
         state_dir=args.state_dir, listen_host=args.listen[0], listen_port=args.listen[1],

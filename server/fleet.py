@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import secrets
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,7 +192,7 @@ class Fleet:
         return wire.CheckinResponse(
             host_id=host.id, status=host.status, detail=host.detail,
             enabled=host.admin_state == "enabled", role=host.role,
-            checkin_interval=self.config.checkin_interval,
+            checkin_interval=checkin_delay(host.id, time.time(), self.config.checkin_interval),
             # The host moved: its libvirtd certificate no longer names the address we dial.
             renew=host.libvirt_cert_address not in (None, address),
         )
@@ -238,6 +239,18 @@ class Fleet:
         self.connections.publish_revocations()
         self.connections.host_changed(host.id)
         log.warning("host %s (%s) forgotten by an administrator", host.hostname, host.id)
+
+
+def checkin_delay(host_id: str, now: float, interval: float) -> float:
+    """How long a host waits before its next check-in: until its own moment in the interval
+    (a fixed offset from its id), at least half an interval away, so at most 1.5
+    intervals. Agents that arrived together (after a restart, a network outage) are
+    spread evenly over the interval by their next check-in, instead of coming back
+    together every interval: the restart storm of 10,000 hosts settled into waves that
+    kept the server's p99 at hundreds of ms at a quarter of its CPU (bench/README.md)."""
+    slot = zlib.crc32(host_id.encode()) / 2**32 * interval
+    earliest = now + interval / 2
+    return interval / 2 + (slot - earliest) % interval
 
 
 def libvirt_names(host_id: str, address: str) -> Names:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,9 @@ from common.backoff import Backoff
 from common.cli import duration
 from server.app import FULL_COLLECTION, GC_GROWTH, RateLimiter, full_collection_due
 from server.cli import build_parser as server_parser
+from server.cli import main as server_main
 from server.connections import _reported_kvm_problem
+from server.fleet import checkin_delay
 from server.hosts import SWEEP_BATCH, Connection, HostStatus, derive
 from server.store import COUNTS_SQL, SWEEP_SQL, Host, Store, Token
 
@@ -234,3 +238,26 @@ def test_a_full_garbage_collection_is_due_by_time_or_after_memory_grew() -> None
     assert full_collection_due(since=FULL_COLLECTION, grown=0)
     assert full_collection_due(since=10, grown=GC_GROWTH)
     assert not full_collection_due(since=10, grown=-GC_GROWTH)  # shrinking is no reason
+
+
+def test_hosts_arriving_together_are_spread_over_the_interval_by_their_next_checkin() -> None:
+    now, interval = 1_000.0, 10.0
+    ids = [secrets.token_hex(6) for _ in range(2000)]
+    delays = [checkin_delay(host_id, now, interval) for host_id in ids]
+    assert all(interval / 2 <= d < 1.5 * interval for d in delays)
+    # The next check-ins land evenly: no second of the interval gets twice its share.
+    per_second = Counter(int((now + d) % interval) for d in delays)
+    assert len(per_second) == 10 and max(per_second.values()) < 2 * len(ids) / 10
+    # A host keeps its moment: checking in again at the time it was given, it is told a
+    # whole interval.
+    first = checkin_delay(ids[0], now, interval)
+    assert checkin_delay(ids[0], now + first, interval) == pytest.approx(interval)
+
+
+def test_serve_refuses_a_grace_period_shorter_than_two_intervals(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = server_main(["serve", "--state-dir", str(tmp_path), "--checkin-interval", "10s",
+                        "--grace", "15s"])
+    assert code != 0
+    assert "--grace (15 s) must be at least twice --checkin-interval (10 s)" in capsys.readouterr().err
+    assert not (tmp_path / "state.db").exists()  # refused before anything was made
