@@ -233,11 +233,12 @@ def test_the_sweep_reads_an_index_not_the_hosts_rows(tmp_path: Path) -> None:
     store.close()
 
 
-def test_a_full_garbage_collection_is_due_by_time_or_after_memory_grew() -> None:
-    assert not full_collection_due(since=10, grown=0)
-    assert full_collection_due(since=FULL_COLLECTION, grown=0)
-    assert full_collection_due(since=10, grown=GC_GROWTH)
-    assert not full_collection_due(since=10, grown=-GC_GROWTH)  # shrinking is no reason
+def test_a_full_garbage_collection_is_due_by_time_or_once_memory_grew_and_settled() -> None:
+    assert not full_collection_due(since=10, grown=0, growing=0)
+    assert full_collection_due(since=FULL_COLLECTION, grown=0, growing=0)
+    assert full_collection_due(since=10, grown=GC_GROWTH, growing=0)
+    assert not full_collection_due(since=10, grown=GC_GROWTH, growing=GC_GROWTH // 2)  # a storm
+    assert not full_collection_due(since=10, grown=-GC_GROWTH, growing=0)  # shrinking is no reason
 
 
 def test_hosts_arriving_together_are_spread_over_the_interval_by_their_next_checkin() -> None:
