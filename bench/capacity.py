@@ -38,7 +38,7 @@ class Scale:
     procs: int  # load generator processes
 
 
-QUICK = Scale(hosts=200, interval=2, settle=3, hold=3, rates=[200, 400], step=4.5, procs=1)
+QUICK = Scale(hosts=200, interval=1, settle=1.5, hold=2, rates=[200, 400], step=3, procs=1)
 FULL = Scale(hosts=10_000, interval=10, settle=20, hold=120, rates=[600, 800, 1000, 1200, 1500],
              step=40, procs=2)
 # Every host connecting at once (a cold start, a restart) may take minutes on 2 cores.

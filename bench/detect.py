@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.util import spread, table
 from tests.harness import Fleet, Network, Server, free_port
 
-QUICK_ARGS = ("--checkin-interval", "1", "--grace", "4")
+QUICK_ARGS = ("--checkin-interval", "1", "--grace", "3")
 
 
 def changed_at(fleet: Fleet, host_id: str, statuses: set[str], since: float,
@@ -64,7 +64,7 @@ def one_round(fleet: Fleet, grace: float) -> dict[str, float]:
 
 
 def run(quick: bool) -> str:
-    runs, args, grace = (1, QUICK_ARGS, 4.0) if quick else (5, (), 30.0)
+    runs, args, grace = (1, QUICK_ARGS, 3.0) if quick else (5, (), 30.0)
     base = Path(tempfile.mkdtemp(prefix="vfb-detect-"))
     net = Network(f"vfd{os.getpid() % 10000}")
     server = Server(base / "server", free_port(), *args, host=net.server_address,

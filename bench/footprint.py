@@ -54,7 +54,7 @@ def checkins_seen(agent: Agent, seconds: float) -> int:
 
 
 def run(quick: bool) -> str:
-    seconds, args = (8.0, ("--checkin-interval", "1")) if quick else (300.0, ())
+    seconds, args = (5.0, ("--checkin-interval", "1")) if quick else (300.0, ())
     base = Path(tempfile.mkdtemp(prefix="vfb-footprint-"))
     net = Network(f"vff{os.getpid() % 10000}")
     server = Server(base / "server", free_port(), *args, host=net.server_address,

@@ -34,6 +34,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from agent.state import client_context
 from bench.report import simulated_report
 from common import wire
 from common.backoff import Backoff
@@ -92,6 +93,14 @@ class Connection(asyncio.Protocol):
         self.open = False
         if self.answer is not None and not self.answer.done():
             self.answer.set_exception(ConnectionError("Server disconnected"))
+
+    def eof_received(self) -> None:
+        """The server ended the connection (as it does when it shuts down). The agent's
+        client sees that before its next call and opens a new connection: so does this.
+        (Ignored, the next request waited for an answer until its 20 s timeout.)"""
+        self.connection_lost(None)
+        if self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -193,14 +202,6 @@ class Host:
             await asyncio.sleep(delay)
 
 
-def context_for(identities: Path, i: int) -> ssl.SSLContext:
-    """The agent's State.client_context(), from the seeded identity files."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(identities / "ca.crt"))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(identities / f"{i}.pem")
-    return ctx
-
-
 async def run(url: str, identities: Path, first: int, count: int, start: float,
               schedule: list[tuple[float, float]], base: wire.Report) -> None:
     stats = Stats()
@@ -210,7 +211,8 @@ async def run(url: str, identities: Path, first: int, count: int, start: float,
     tasks = []
     for i in range(first, first + count):
         report = wire.Report(**{**vars(base), "hostname": f"sim-{i:05d}"})
-        host = Host(i, url, context_for(identities, i), request_bytes(url, report))
+        ctx = client_context(identities / "ca.crt", identities / f"{i}.pem")  # the agent's own
+        host = Host(i, url, ctx, request_bytes(url, report))
         tasks.append(asyncio.create_task(host.loop(stats, interval, start)))
     # The collector's pauses would count as the server's latency: the hosts made above
     # live for the whole run, so keep the collector off them and rare.

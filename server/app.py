@@ -38,7 +38,21 @@ T = TypeVar("T")
 
 
 async def read_message(request: web.Request, cls: type[T]) -> T:
-    return wire.decode_body(cls, await request.read())
+    return wire.decode_body(cls, await read_body(request))
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, up to wire.MAX_BODY_BYTES, read from the stream: `request.read()`
+    keeps a copy on the request, and aiohttp holds a kept-alive connection's last request
+    until the next one comes, so every agent's last check-in would stay in memory
+    (1.4 KB each, 14 MB at 10,000 hosts)."""
+    chunks, size = [], 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > wire.MAX_BODY_BYTES:
+            raise web.HTTPRequestEntityTooLarge(max_size=wire.MAX_BODY_BYTES, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def peer_address(request: web.Request) -> str:

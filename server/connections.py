@@ -139,12 +139,13 @@ class ConnectionManager:
             return
         link = self.links.get(host_id)
         if link is None:
-            link = self.links[host_id] = Link(host_id, wake=asyncio.Event(), closed=asyncio.Event())
+            link = self.links[host_id] = Link(host_id)
         ready = not_ready_reason(host) is None
         if link.task is None:
             # Started once the host is ready: a host that never reports a TLS endpoint
-            # costs a Link, not a task.
+            # costs a Link, not a task and its events.
             if ready:
+                link.wake, link.closed = asyncio.Event(), asyncio.Event()
                 link.task = asyncio.create_task(self._run(link), name=f"libvirt-{host_id}")
         elif libvirtd_recovered or (link.idle and ready):
             # A backoff in progress is cut short only by news that libvirtd is back.

@@ -4,6 +4,7 @@ the certificate expiry it reads without cryptography, the host facts it reads fr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import http.server
 import ipaddress
@@ -24,7 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from agent import client, collectors
 from agent.collectors import host
-from agent.state import cert_not_after
+from agent.state import cert_not_after, client_context
 from common import pki, wire
 from tests.harness import free_port, wait_for
 
@@ -233,3 +234,62 @@ def test_host_fact_parsers(tmp_path: Path) -> None:
         topology.mkdir(parents=True)
         (topology / "core_cpus_list").write_text(siblings + "\n")
     assert host.read_core_count(tmp_path) == 2
+
+
+def _issue(name: str, key: Any, issuer: tuple[x509.Certificate, Any] | None = None,
+           ca: bool = False) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_cert, issuer_key = issuer or (None, key)
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(issuer_cert.subject if issuer_cert else subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(dt.datetime(2020, 1, 1)).not_valid_after(dt.datetime(2100, 1, 1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext, server_name: str) -> None:
+    """A real TLS handshake between two contexts, in memory; raises the server's SSLError."""
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client_out, server_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_client = client_ctx.wrap_bio(to_client, client_out, server_hostname=server_name)
+    tls_server = server_ctx.wrap_bio(to_server, server_out, server_side=True)
+    for _ in range(10):
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls_client.do_handshake()
+        to_server.write(client_out.read())
+        try:
+            tls_server.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            to_client.write(server_out.read())
+    raise AssertionError("the handshake did not finish")
+
+
+def test_the_agent_sends_its_certificate_without_its_ca(tmp_path: Path) -> None:
+    """The server already has the CA: a copy sent at every handshake would only be parsed
+    and kept for the connection's life. Seen from a server that trusts only a root above
+    the agent's CA: it can build a chain only if the agent sends the CA along."""
+    root_key, ca_key, host_key, server_key = (pki.new_key() for _ in range(4))
+    root = _issue("root", root_key, ca=True)
+    ca = _issue("identity CA", ca_key, (root, root_key), ca=True)
+    (tmp_path / "ca.crt").write_text(pki.cert_pem(ca))
+    (tmp_path / "identity.pem").write_bytes(
+        pki.key_pem(host_key) + pki.cert_pem(_issue("host", host_key, (ca, ca_key))).encode())
+    (tmp_path / "server.pem").write_bytes(
+        pki.key_pem(server_key) + pki.cert_pem(_issue("server", server_key, (ca, ca_key))).encode())
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cadata=pki.cert_pem(root))
+    server_ctx.load_cert_chain(tmp_path / "server.pem")
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+
+    # OpenSSL's default, what the agent would do without send_own_certificate_only:
+    with_chain = ssl.create_default_context(cafile=tmp_path / "ca.crt")
+    with_chain.load_cert_chain(tmp_path / "identity.pem")
+    agents = client_context(tmp_path / "ca.crt", tmp_path / "identity.pem")
+    for ctx in (with_chain, agents):  # they trust the CA they have, root or not
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    _handshake(with_chain, server_ctx, "server")
+    with pytest.raises(ssl.SSLCertVerificationError, match="unable to get local issuer"):
+        _handshake(agents, server_ctx, "server")
