@@ -39,8 +39,8 @@ class Scale:
 
 
 QUICK = Scale(hosts=200, interval=1, settle=1.5, hold=2, rates=[200, 400], step=3, procs=1)
-FULL = Scale(hosts=10_000, interval=10, settle=20, hold=120, rates=[600, 800, 1000, 1200, 1500],
-             step=40, procs=2)
+FULL = Scale(hosts=10_000, interval=10, settle=20, hold=120,
+             rates=[800, 1000, 1200, 1500, 2000, 2500, 3000], step=50, procs=2)
 # Every host connecting at once (a cold start, a restart) may take minutes on 2 cores.
 STORM_PATIENCE = 900
 
@@ -262,10 +262,10 @@ def steps(scale: Scale, url: str, identities: Path, work: Path, pid: int) -> lis
         wait_for(lambda: all(p.poll() is not None for p in load.procs),
                  scale.step * len(scale.rates) + 60, "the rate steps", 0.5)
         results = []
-        for n, (interval, _) in enumerate(schedule[1:]):
-            # Hosts finish the sleep of the previous step first (the server's: up to 1.5
+        for n in range(len(scale.rates)):
+            # Hosts finish the sleep of the previous step first (up to 1.5 of its
             # intervals): measure after that.
-            settle = max(interval, schedule[n][0] or 1.5 * scale.interval)
+            settle = 1.5 * (schedule[n][0] or scale.interval)
             a, b = t0 + n * scale.step + settle, t0 + (n + 1) * scale.step
             result = load.window(a, b)
             result["cpu"] = sampler.window("server", a, b)[0]

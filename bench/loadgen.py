@@ -14,10 +14,12 @@ the load generator must not be what is measured.
 
 Usage: loadgen.py URL IDENTITIES FIRST COUNT START SCHEDULE
   START: the hosts start at random moments within this many seconds.
-  SCHEDULE: "INTERVAL:SECONDS,INTERVAL:SECONDS,…" (an interval of 0 means "as the server
-  says"); SIGUSR2 ends the current step early. Prints one JSON line per second: step, ok,
-  errors (by kind), latencies (ms), and `recovered`: hosts with a successful check-in
-  since the last SIGUSR1 (the mark).
+  SCHEDULE: "INTERVAL:SECONDS,INTERVAL:SECONDS,…": each host comes back when the server
+  tells it (interval 0), or when the server would tell it with that interval (each host
+  at its own moment of it: a fixed delay would keep hosts that one stall bunched
+  together in a wave that comes back every interval); SIGUSR2 ends the current step early.
+  Prints one JSON line per second: step, ok, errors (by kind), latencies (ms), and
+  `recovered`: hosts with a successful check-in since the last SIGUSR1 (the mark).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from agent.state import client_context
 from bench.report import simulated_report
 from common import wire
 from common.backoff import Backoff
+from server.fleet import checkin_delay
 from server.tls import limit_tls_buffers
 
 CONNECT_TIMEOUT = 10.0  # the agent's (agent/client.py)
@@ -161,6 +164,7 @@ class Host:
 
     def __init__(self, i: int, url: str, ctx: ssl.SSLContext, data: bytes) -> None:
         self.i, self.ctx, self.data = i, ctx, data
+        self.key = f"sim-{i}"  # its moment in an interval, as the server's for a host id
         parts = urlsplit(url)
         self.address, self.port = parts.hostname or "", parts.port or 443
         self.conn: Connection | None = None
@@ -198,7 +202,7 @@ class Host:
                 stats.latencies.append((time.perf_counter() - started) * 1000)
                 stats.last_ok[self.i] = time.time()
                 backoff.reset()
-                delay = interval[0] or told
+                delay = checkin_delay(self.key, time.time(), interval[0]) if interval[0] else told
             await asyncio.sleep(delay)
 
 

@@ -17,7 +17,7 @@ from agent.collectors.host import parse_cpu_model
 from agent.runner import HUNG_CHECKIN, Runner, renewal_time
 from common.backoff import Backoff
 from common.cli import duration
-from server.app import FULL_COLLECTION, GC_GROWTH, RateLimiter, full_collection_due
+from server.app import GC_GROWTH, RateLimiter, full_collection_due
 from server.cli import build_parser as server_parser
 from server.cli import main as server_main
 from server.connections import _reported_kvm_problem
@@ -233,12 +233,11 @@ def test_the_sweep_reads_an_index_not_the_hosts_rows(tmp_path: Path) -> None:
     store.close()
 
 
-def test_a_full_garbage_collection_is_due_by_time_or_once_memory_grew_and_settled() -> None:
-    assert not full_collection_due(since=10, grown=0, growing=0)
-    assert full_collection_due(since=FULL_COLLECTION, grown=0, growing=0)
-    assert full_collection_due(since=10, grown=GC_GROWTH, growing=0)
-    assert not full_collection_due(since=10, grown=GC_GROWTH, growing=GC_GROWTH // 2)  # a storm
-    assert not full_collection_due(since=10, grown=-GC_GROWTH, growing=0)  # shrinking is no reason
+def test_a_full_garbage_collection_is_due_once_memory_grew_and_settled() -> None:
+    assert not full_collection_due(grown=0, growing=0)  # however long it has been
+    assert full_collection_due(grown=GC_GROWTH, growing=0)
+    assert not full_collection_due(grown=GC_GROWTH, growing=GC_GROWTH // 2)  # a storm
+    assert not full_collection_due(grown=-GC_GROWTH, growing=0)  # shrinking is no reason
 
 
 def test_hosts_arriving_together_are_spread_over_the_interval_by_their_next_checkin() -> None:
