@@ -1,6 +1,7 @@
-"""Agent footprint: RSS, CPU time per hour at the default check-in interval, and bytes
-per check-in on the wire (TLS bytes of the agent's connection to the server, from the
-kernel's TCP counters: headers of TCP/IP not included).
+"""Footprint of a host: the agent's RSS and CPU time per hour at the default check-in
+interval, bytes per check-in on the wire (TLS bytes of the agent's connection to the
+server, from the kernel's TCP counters: headers of TCP/IP not included), and what the
+host's libvirt connection costs the server (bench/libvirt_memory.py).
 
 One host in its own network namespace (its own libvirtd, the server's libvirt connection
 open), the server in another.
@@ -20,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from bench.util import Sampler, private_mb, table
-from tests.harness import Agent, Fleet, Network, Server, free_port, wait_for
+from tests.harness import ROOT, VENV_BIN, Agent, Fleet, Network, Server, free_port, wait_for
 
 
 def tcp_bytes(ns: str, port: int) -> tuple[int, int]:
@@ -62,7 +63,7 @@ def run(quick: bool) -> str:
     fleet = Fleet(net, server, base)
     try:
         server.start()
-        ns, _lv, agent = fleet.add_host("hv-1")
+        ns, libvirtd, agent = fleet.add_host("hv-1")
         server.wait_status(agent.host_id(), "online", 30)
         assert agent.proc is not None and agent.proc.proc is not None
         pid = agent.proc.proc.pid
@@ -77,6 +78,9 @@ def run(quick: bool) -> str:
         private = private_mb(pid)
         sampler.stop()
         cpu, rss = sampler.window("agent", start, end)
+        uri = (f"qemu+tls://{net.hosts[ns]}:{libvirtd.tls_port}/system"
+               f"?pkipath={server.state}/libvirt-client")
+        libvirt_kb = libvirt_connection_kb(net.server_ns, uri, 100 if quick else 300)
     finally:
         fleet.close()
     interval = args[1] if args else "10"
@@ -89,9 +93,19 @@ def run(quick: bool) -> str:
          f"interval {interval} s, {count} check-ins in {seconds:.0f} s"],
         ["bytes per check-in, sent / received", f"{sent / max(count, 1):,.0f} / "
          f"{received / max(count, 1):,.0f} B", "TLS records on a kept-alive connection"],
+        ["on the server: the host's libvirt connection", f"{libvirt_kb:.0f} KB",
+         "resident memory per `qemu+tls` connection (GnuTLS, libvirt's client)"],
     ]
-    return table(f"Agent footprint (check-in interval {interval} s)", ["measure", "value", "note"],
-                 rows)
+    return table(f"Footprint of a host (check-in interval {interval} s)",
+                 ["measure", "value", "note"], rows)
+
+
+def libvirt_connection_kb(server_ns: str, uri: str, count: int) -> float:
+    """bench/libvirt_memory.py where the server runs: KB per libvirt connection."""
+    out = subprocess.run(["ip", "netns", "exec", server_ns, str(VENV_BIN / "python"), "-m",
+                          "bench.libvirt_memory", uri, str(count)], cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    return float(json.loads(out)["kb_each"])
 
 
 if __name__ == "__main__":
