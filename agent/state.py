@@ -90,7 +90,7 @@ SSL_CTRL_MODE = 33
 SSL_MODE_NO_AUTO_CHAIN = 0x8
 
 
-def send_own_certificate_only(ctx: ssl.SSLContext) -> bool:
+def send_own_certificate_only(ctx: ssl.SSLContext) -> None:
     """Make OpenSSL send the host's certificate without the CA's.
 
     By default OpenSSL's client appends to its certificate every issuer it finds in its
@@ -99,18 +99,18 @@ def send_own_certificate_only(ctx: ssl.SSLContext) -> bool:
     connection lives: 5.5 KB per kept-alive agent, 55 MB at 10,000 hosts
     (bench/README.md). SSL_MODE_NO_AUTO_CHAIN turns that off; Python's ssl module has no
     call for it, so it is set on the context's SSL_CTX, which a PySSLContext holds right
-    after its object header, through the libssl the ssl module itself uses. False (and
-    nothing changed) where that library cannot be reached.
+    after its object header, through the libssl the ssl module itself uses. Where that
+    library cannot be reached the context stays as it is: it works, only heavier on the
+    server.
     """
     try:
         ssl_ctx_ctrl = ctypes.CDLL(ssl._ssl.__file__).SSL_CTX_ctrl  # type: ignore[attr-defined]
     except (AttributeError, OSError):
-        return False
+        return
     ssl_ctx_ctrl.restype = ctypes.c_long
     ssl_ctx_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
     ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
     ssl_ctx_ctrl(ssl_ctx, SSL_CTRL_MODE, SSL_MODE_NO_AUTO_CHAIN, None)
-    return True
 
 
 def cert_not_after(pem: bytes) -> float:
