@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.util import spread, table
 from tests.harness import Fleet, Network, Server, free_port
@@ -25,10 +26,9 @@ OPEN_TLS = """import libvirt, sys, time
 t = time.perf_counter(); c = libvirt.open(sys.argv[1]); print(time.perf_counter() - t)"""
 
 
-def online_at(server: Server, host_id: str) -> float:
-    """When the server's history first says `online` (the server's own clock)."""
-    entries = [e for e in server.host(host_id)["history"] if e["status"] == "online"]
-    return float(entries[0]["at"])
+def online_at(history: list[dict[str, Any]]) -> float:
+    """When a host's history first says `online` (the server's own clock)."""
+    return float(next(e["at"] for e in history if e["status"] == "online"))
 
 
 def ours(fleet: Fleet, name: str) -> tuple[float, float, str]:
@@ -42,11 +42,12 @@ def ours(fleet: Fleet, name: str) -> tuple[float, float, str]:
     agent.start()
     host_id = agent.host_id()
     fleet.server.wait_status(host_id, "online", 30)
-    took = online_at(fleet.server, host_id) - started
+    host = fleet.server.host(host_id)
+    took = online_at(host["history"]) - started
     path = "; ".join(f"+{float(e['at']) - started:.2f} s {e['status']}"
                      + (f" ({e['detail']})" if e["detail"] else "")
-                     for e in fleet.server.host(host_id)["history"])
-    uri = fleet.server.host(host_id)["connection"]["uri"]
+                     for e in host["history"])
+    uri = host["connection"]["uri"]
     pki = fleet.server.state / "libvirt-client"
     uri += ("&" if "?" in uri else "?") + f"pkipath={pki}"
     out = subprocess.run(["ip", "netns", "exec", fleet.net.server_ns, "/usr/bin/python3", "-c",
