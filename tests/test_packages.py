@@ -249,3 +249,38 @@ def run_installed(journal: Journald, libvirtd: Libvirtd, tmp_path: Path) -> None
     for proc, notify in ((agent, agent_notify), (server, server_notify)):
         assert proc.stop() == 0, proc.log()
         assert notify.said("STOPPING=1")
+
+
+def run_maintainer_script(script: str, action: str, root: Path) -> subprocess.CompletedProcess[str]:
+    """A maintainer script acting on `root` as `dpkg --root` would have it (DPKG_ROOT)."""
+    result = subprocess.run(["sh", str(ROOT / "debian" / script), action], capture_output=True,
+                            text=True, timeout=30, env=os.environ | {"DPKG_ROOT": str(root)})
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_postinst_changes_no_directory_it_did_not_create_and_purge_undoes_its_own(
+        tmp_path: Path) -> None:
+    """An existing /etc/pki/libvirt/private keeps its mode (postinst used to chmod it 0700,
+    and purge never undid it); what postinst made, purge removes, and nothing else."""
+    private = tmp_path / "etc/pki/libvirt/private"
+    private.mkdir(parents=True, mode=0o755)
+    private.chmod(0o755)
+    (tmp_path / "var/lib").mkdir(parents=True)
+    run_maintainer_script("virtfleet-agent.postinst", "configure", tmp_path)
+    assert (private.stat().st_mode & 0o777) == 0o755
+    assert (tmp_path / "etc/pki/CA").is_dir()
+    assert (tmp_path / "var/lib/virtfleet-agent/created-dirs").read_text() == "/etc/pki/CA\n"
+    run_maintainer_script("virtfleet-agent.postrm", "purge", tmp_path)
+    assert not (tmp_path / "etc/pki/CA").exists()
+    assert not (tmp_path / "var/lib/virtfleet-agent").exists()
+    assert (private.stat().st_mode & 0o777) == 0o755
+
+
+def test_postinst_makes_the_key_directory_root_only_when_it_creates_it(tmp_path: Path) -> None:
+    for top in ("etc", "var/lib"):
+        (tmp_path / top).mkdir(parents=True)
+    run_maintainer_script("virtfleet-agent.postinst", "configure", tmp_path)
+    assert ((tmp_path / "etc/pki/libvirt/private").stat().st_mode & 0o777) == 0o700
+    run_maintainer_script("virtfleet-agent.postrm", "purge", tmp_path)
+    assert not (tmp_path / "etc/pki").exists() and (tmp_path / "etc").is_dir()
