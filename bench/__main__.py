@@ -17,6 +17,8 @@ from pathlib import Path
 
 import psutil
 
+from bench.util import interrupt_on_sigterm, kill_processes_using, remove_network_namespaces
+
 NAMES = ("capacity", "join", "detect", "footprint", "burst")
 
 
@@ -39,18 +41,41 @@ def main() -> int:
                         help=f"which ({', '.join(NAMES)}; default all)")
     args = parser.parse_args()
     print(f"## {'Quick' if args.quick else 'Full'} run: {machine()}", flush=True)
+    interrupt_on_sigterm()
     # Every benchmark's state (servers' databases, 10,000 hosts' keys: 56 MB for capacity)
     # goes under one directory that is removed at the end, whatever happened.
     with tempfile.TemporaryDirectory(prefix="vfb-run-", ignore_cleanup_errors=True) as work:
         tempfile.tempdir = work
-        for name in args.names or NAMES:
-            started = time.monotonic()
-            module = importlib.import_module(f"bench.{name}")
-            kwargs = {"profile": args.profile} if name == "capacity" else {}
-            print(module.run(args.quick, **kwargs), flush=True)
-            print(f"({name}: {time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+        try:
+            run_all(args.names or NAMES, args.quick, args.profile)
+        except KeyboardInterrupt as exc:
+            print(f"bench/run: interrupted ({exc or 'Ctrl-C'}): stopped what it started",
+                  file=sys.stderr, flush=True)
+            return 130
+        finally:
+            leftovers(work)
     return 0
 
+
+def run_all(names: list[str] | tuple[str, ...], quick: bool, profile: Path | None) -> None:
+    for name in names:
+        started = time.monotonic()
+        module = importlib.import_module(f"bench.{name}")
+        kwargs = {"profile": profile} if name == "capacity" else {}
+        print(module.run(quick, **kwargs), flush=True)
+        print(f"({name}: {time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+
+
+def leftovers(work: str) -> None:
+    """What the benchmarks' own `finally` blocks did not stop (an interrupt in the middle
+    of one: sshd started by oldway.sh, a libvirtd mid-restart): every process running
+    from the work dir, and the network namespaces named after this process
+    (tests/harness.py's Network, tagged vf?PID by each benchmark)."""
+    killed = kill_processes_using(work)
+    spaces = remove_network_namespaces(rf"vf[a-z]{os.getpid() % 10000}-(srv|h[0-9]+)")
+    if killed or spaces:
+        print(f"bench/run: stopped {len(killed)} leftover processes, removed network "
+              f"namespaces {spaces}", file=sys.stderr, flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

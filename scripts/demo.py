@@ -4,13 +4,19 @@ Everything runs on this machine from a temp directory: a private libvirtd (own c
 sockets and TLS port, in a private mount namespace), `virtfleet-server serve`, then
 `virtfleet-agent join` + `run`. It prints each step, the hosts table and the host's
 details, and exits 0 once the host is online over qemu+tls (1 otherwise).
-`--keep` leaves everything running until Ctrl-C, to try the admin commands.
+`--keep` leaves everything running until Ctrl-C or SIGTERM, to try the admin commands.
+
+On exit, whatever ends it (done, an error, Ctrl-C, SIGTERM), the demo stops every process
+it started and removes every file it made: its temp dir holds CA private keys. With
+`--dir DIR` it removes what it created inside DIR (and DIR itself if it created DIR),
+never anything that was there before.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -19,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.util import interrupt_on_sigterm, kill_processes_using  # noqa: E402
 from tests.harness import Agent, Libvirtd, Server, free_port, wait_for  # noqa: E402
 
 
@@ -35,14 +42,60 @@ def pick_role() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keep", action="store_true", help="leave it running until Ctrl-C")
-    parser.add_argument("--dir", type=Path, help="work directory (default: a new temp dir)")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave it running until Ctrl-C or SIGTERM, then clean up")
+    parser.add_argument("--dir", type=Path,
+                        help="work directory (default: a new temp dir); what the demo "
+                             "creates in it is removed on exit, what was there stays")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("make demo runs libvirtd in a private mount namespace: run it as root", file=sys.stderr)
         return 1
-    work = args.dir or Path(tempfile.mkdtemp(prefix="virtfleet-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
+    interrupt_on_sigterm()
+    made: list[Path] = []  # what to remove at the end: filled before anything is made
+    try:
+        work = workdir(args.dir, made)
+        return demo(work, args.keep)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping everything", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        clean_up(made)
+
+
+def workdir(given: Path | None, made: list[Path]) -> Path:
+    """The work dir; `made` gets what the demo will have created, to remove at the end:
+    the whole dir if it made it, else (a dir the caller owns) the entries new in it."""
+    if given is None:
+        work = Path(tempfile.mkdtemp(prefix="virtfleet-demo-"))
+        made.append(work)
+        return work
+    work = given.resolve()
+    if not work.exists():
+        made.append(work)  # before mkdir: an interrupt between the two still removes it
+        work.mkdir(parents=True)
+        return work
+    made += [work / name for name in DEMO_ENTRIES if not (work / name).exists()]
+    return work
+
+
+# What the demo writes into its work dir (tests/harness.py's layout).
+DEMO_ENTRIES = ("libvirtd", "server", "server.log", "agent")
+
+
+def clean_up(made: list[Path]) -> None:
+    """Stop any process still running from what the demo made (a libvirtd the agent
+    restarted, anything an interrupt left mid-start), then remove it all."""
+    for path in made:
+        kill_processes_using(str(path))
+    for path in made:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def demo(work: Path, keep: bool) -> int:
     role = pick_role()
     print(f"virtfleet demo in {work}")
     print(f"role: {role} ("
@@ -81,20 +134,28 @@ def main() -> int:
         elapsed = time.monotonic() - started
         step(f"online over qemu+tls, {elapsed:.2f} s after `join` started")
         print(server.admin("hosts", "list").stdout)
-        print(server.admin("hosts", "show", host_id).stdout)
-        if args.keep:
-            state = f"--state-dir {server.state}"
-            print(f"\nstill running. Try:\n  .venv/bin/virtfleet-server {state} hosts list\n"
-                  f"  .venv/bin/virtfleet-server {state} hosts disable {host_id}\n"
-                  f"  .venv/bin/virtfleet-agent --state-dir {agent.state} status\n"
-                  "Ctrl-C stops everything.")
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        print(server.admin("hosts", "show", host_id).stdout, flush=True)
+        if keep:
+            wait_until_stopped(server, agent, host_id)
         return 0
     finally:
         agent.stop()
         server.proc.stop()
         libvirtd.stop()
         wait_for(lambda: libvirtd.pid() is None, 10, "libvirtd to stop")
+
+
+def wait_until_stopped(server: Server, agent: Agent, host_id: str) -> None:
+    state = f"--state-dir {server.state}"
+    print(f"\nstill running. Try:\n  .venv/bin/virtfleet-server {state} hosts list\n"
+          f"  .venv/bin/virtfleet-server {state} hosts disable {host_id}\n"
+          f"  .venv/bin/virtfleet-agent --state-dir {agent.state} status\n"
+          "Ctrl-C (or SIGTERM) stops everything and removes what the demo made.", flush=True)
+    try:
+        while True:
+            signal.pause()  # interrupt_on_sigterm's handler raises KeyboardInterrupt here
+    except KeyboardInterrupt:
+        print("stopping everything", flush=True)
 
 
 if __name__ == "__main__":
