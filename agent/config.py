@@ -43,15 +43,20 @@ class LibvirtConfig:
 @dataclass
 class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
-    role: str = "mixed"
+    # "" is "none given": `join` takes the token's role, later runs the role joined with.
+    role: str = ""
     hostname: str = field(default_factory=socket.gethostname)
     join: str = ""  # for unattended installs: enroll with this on first start
     log_level: str = "INFO"
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
-    role_from_file: bool = False  # whether `role` came from the config file
+    # Not settings: where the file was, and what it (or a flag) set on purpose. A role or
+    # hostname given wins over the one the host joined with; one not given does not.
+    role_from_file: bool = False
+    hostname_given: bool = False
+    path: Path | None = None
 
     def validate(self) -> None:
-        if self.role not in wire.ROLES:
+        if self.role and self.role not in wire.ROLES:
             raise ConfigError(f"role {self.role!r} is not one of {', '.join(wire.ROLES)}")
         if not 0 < self.libvirt.tls_port < 65536:
             raise ConfigError(f"libvirt.tls_port {self.libvirt.tls_port} is not a port number")
@@ -79,13 +84,16 @@ def load(path: Path | None) -> AgentConfig:
     if not isinstance(libvirt, dict):
         raise ConfigError(f"{path}: [libvirt] must be a table")
     _apply(config.libvirt, libvirt, path, "libvirt.")
-    config.role_from_file = "role" in data
+    config.role_from_file = bool(config.role)  # role = "" is none given, as no line
+    config.hostname_given = "hostname" in data
+    config.path = path
     config.validate()
     return config
 
 
 def _apply(target: Any, data: dict[str, Any], path: Path, prefix: str) -> None:
-    known = {f.name: f for f in fields(target) if f.name not in ("libvirt", "role_from_file")}
+    known = {f.name: f for f in fields(target)
+             if f.name not in ("libvirt", "role_from_file", "hostname_given", "path")}
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"{path}: unknown setting {prefix}{key!r} "

@@ -1,6 +1,7 @@
 """Joining a server: trust it by the pin, enroll with the token, save the identity.
 
-1. decode the join string (server URL, CA pin, token);
+1. decode the join string (server URL, CA pin, token), and choose the role: the one
+   given, else (join --force) the one the host joined with, else the token's own;
 2. fetch the server's CA without trusting anything, and accept it only if its public
    key hashes to the pin: a wrong server or a man in the middle stops here;
 3. make the host's keys locally, then enroll over TLS that trusts only that CA;
@@ -9,6 +10,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import ssl
 import time
@@ -45,6 +48,33 @@ def check_pin(ca_pem: str, expected: str, url: str) -> None:
             "made the token, or someone is in between. Nothing was enrolled.")
 
 
+def token_role(token: str) -> str | None:
+    """The role claim of a join token (a JWT), read without checking the signature: it
+    only picks a default role the server then checks, with the signature, as always."""
+    try:
+        payload = token.split(".")[1]
+        claims = wire.load_json(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)),
+                                "the token")
+    except (IndexError, ValueError, binascii.Error):
+        return None
+    role = claims.get("role") if isinstance(claims, dict) else None
+    return role if role in wire.ROLES else None
+
+
+def choose_role(given: str, token_limit: str | None, joined: str | None) -> str:
+    """The role to enroll with: the one given (agent.toml or --role), else the one this
+    host joined with before (join --force), else the token's; "mixed" if none says."""
+    if given:
+        return given
+    if joined:
+        if token_limit and not wire.role_within(joined, token_limit):
+            raise JoinError(f"this host joined with role {joined!r}, which this token does not "
+                            f"allow (at most {token_limit!r}): give the role to take, e.g. "
+                            f"--role {token_limit}")
+        return joined
+    return token_limit or "mixed"
+
+
 async def join(text: str, config: AgentConfig, state: State, force: bool = False) -> Enrollment:
     try:
         join_string = wire.JoinString.decode(text)
@@ -54,6 +84,10 @@ async def join(text: str, config: AgentConfig, state: State, force: bool = False
     if current and not force:
         raise JoinError(f"already enrolled as host {current.host_id} with {current.server_url}; "
                         "use --force to join again with a new identity")
+    config.role = choose_role(config.role, token_role(join_string.token),
+                              current.role if current else None)
+    if current and current.hostname and not config.hostname_given:
+        config.hostname = current.hostname  # a re-join keeps the name, as it keeps the role
     try:
         ca_pem = await fetch_ca(join_string.url)
     except ServerError as exc:
@@ -79,7 +113,8 @@ async def join(text: str, config: AgentConfig, state: State, force: bool = False
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca_pem)
     answer = await enroll_request(join_string.url, request, ctx)
     enrollment = Enrollment(host_id=answer.host_id, server_url=join_string.url,
-                            ca_pin=join_string.ca_pin, role=config.role, enrolled_at=time.time())
+                            ca_pin=join_string.ca_pin, role=config.role, enrolled_at=time.time(),
+                            hostname=config.hostname)
     state.save_enrollment(enrollment, pki.key_pem(key), answer.identity.certificate,
                           answer.identity.ca_certificate)
     event(log, "enrolled", "enrolled with %s as host %s (role %s)", join_string.url,

@@ -85,3 +85,22 @@ class LocalLibvirt:
 
     def _domain_event(self, *_args: object) -> None:
         self.on_change()
+
+
+def probe(uri: str, timeout: float) -> str | None:
+    """Ask libvirtd now, for `status`: None if it answers within `timeout`, else why not.
+    libvirt.open has no timeout of its own (a daemon hung on NFS holds it for minutes), so
+    it runs in a daemon thread that is left behind if it does not finish."""
+    result: list[str | None] = []
+
+    def ask() -> None:
+        local = LocalLibvirt(uri, on_change=lambda: None)
+        try:
+            result.append(local.health().error)
+        finally:
+            local.close()
+
+    thread = threading.Thread(target=ask, name="libvirtd-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else f"no answer within {timeout:g} s"

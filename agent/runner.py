@@ -1,47 +1,45 @@
 """The agent's run loop (after Tailscale's controlclient): one runner owns the tasks.
 
-- check-in: collect, call, then wait the interval the server returned, or less when
-  something changed (a coalescing `early` event), or a jittered backoff after a failure;
+- check-in: one `checkin.check_in` call, then wait the interval the server returned
+  (clamped), or less when something changed (a coalescing `early` event), or a jittered
+  backoff after a failure; it ends, and the agent with it, when the server refuses this
+  host's identity (forgotten, or its certificate expired): only a new join helps;
+- certificates: the certificate manager's own task (agent/certs.py), told when the
+  server asks for a renewal;
 - libvirtd watch: while the local libvirtd is down, probe it every second so its return
   is reported at once, not at the next tick;
-- certificate renewal at a jittered 70-90 % of the identity certificate's lifetime;
-- systemd's watchdog: pinged while the check-in loop is alive and no check-in hangs.
+- systemd's watchdog: pinged while every loop is alive and no check-in hangs.
 
-`start()` and `shutdown()` are the whole interface; shutdown cancels and awaits all.
+`start()` and `shutdown()` are the whole interface (and `wait()` for the end); shutdown
+cancels and awaits all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
-import random
 import time
-from typing import Any
 
-from agent.client import ServerClient, ServerError
+from agent.certs import CertManager, renewal_time
+from agent.checkin import Outcome, StatusBook, Verdict, check_in, clamp_interval
+from agent.client import ServerClient
 from agent.config import AgentConfig
-from agent.libvirt_tls import TLSSetupError
 from agent.local_libvirt import LocalLibvirt
-from agent.report import build_report
 from agent.state import Enrollment, State
-from common import notify, wire
+from common import notify
 from common.backoff import Backoff
 from common.logs import event
 
+__all__ = ["HUNG_CHECKIN", "Runner", "renewal_time"]
+
 log = logging.getLogger(__name__)
 
-REFUSED_WAIT = 300.0  # identity refused: retrying is noise, but do notice a re-enable
+REFUSED_WAIT = 300.0  # refused (not for its identity): retrying is noise, but do notice a fix
 LIBVIRTD_PROBE = 1.0
-# A check-in (with a renewal and a libvirtd restart) running longer than this hangs:
-# the watchdog pings stop and systemd restarts the agent.
+# A check-in (collecting facts and one call) running longer than this hangs: the watchdog
+# pings stop and systemd restarts the agent. Renewals have their own deadline.
 HUNG_CHECKIN = 180.0
-
-
-def renewal_time(issued: float, not_after: float, jitter: float) -> float:
-    """When to renew: at 70-90 % of the lifetime (jitter in [0, 1]), as client-go does."""
-    return issued + (not_after - issued) * (0.7 + 0.2 * jitter)
 
 
 def _clock(when: float | None) -> str:
@@ -54,23 +52,27 @@ class Runner:
         self.config = config
         self.state = state
         self.enrollment = enrollment
-        self.client = ServerClient(enrollment.server_url, state.client_context())
+        self.certs = CertManager(config, state, enrollment.server_url, enrollment.host_id)
+        self.client = ServerClient(enrollment.server_url, self.certs.current)
         self.early = asyncio.Event()
         self.local = LocalLibvirt(config.libvirt.uri, on_change=self._libvirt_changed)
         self.backoff = Backoff(base=1.0, cap=60.0)
-        self._jitter = random.random()
+        self.book = StatusBook(state)
+        self.refused: Outcome | None = None  # the refusal that ended the check-in loop
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._checkin_since: float | None = None  # monotonic start of the running check-in
         self.reported_libvirtd_ok: bool | None = None  # what the server last heard
         self._reported_down = asyncio.Event()
         self._libvirtd_up: bool | None = None  # as last seen, for the up/down events
-        self.last: dict[str, Any] = state.load_status()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.certs.start()
+        assert self.certs.task is not None
         self._tasks = [asyncio.create_task(self._checkin_loop(), name="checkin"),
-                       asyncio.create_task(self._libvirtd_watch(), name="libvirtd-watch")]
+                       asyncio.create_task(self._libvirtd_watch(), name="libvirtd-watch"),
+                       self.certs.task]
         interval = notify.watchdog_interval()
         if interval is not None:
             self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
@@ -82,11 +84,13 @@ class Runner:
         self.client.close()
         await asyncio.to_thread(self.local.close)
 
-    async def wait(self) -> None:
-        """Until a task dies (a bug): its exception propagates."""
-        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
+    async def wait(self) -> Outcome | None:
+        """Until a loop ends: the check-in loop when the server refused this host's identity
+        (that refusal is returned); any other end is a bug, and its exception propagates."""
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             task.result()
+        return self.refused
 
     def _libvirt_changed(self) -> None:
         """From libvirt's event thread: ask for an early check-in."""
@@ -101,67 +105,54 @@ class Runner:
             self._checkin_since = time.monotonic()
             delay = await self.checkin_once()
             self._checkin_since = None
+            if delay is None:
+                return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.early.wait(), delay)
 
-    async def checkin_once(self) -> float:
-        """One check-in; returns how long to wait before the next."""
-        report = await build_report(self.config, self.local)
-        self._saw_libvirtd(report.libvirtd.ok)
-        try:
-            answer = await self.client.checkin(report)
-        except ServerError as exc:
-            return self._failed(exc)
-        self.backoff.reset()
-        self.reported_libvirtd_ok = report.libvirtd.ok
-        if not report.libvirtd.ok:
-            self._reported_down.set()
-        self._record(report, ok=True, status=answer.status, detail=answer.detail)
-        detail = "" if answer.status == "online" else f": {answer.detail}"
-        notify.status(f"{answer.status} as {report.hostname} (host {answer.host_id}){detail}; "
-                      f"last check-in {_clock(time.time())}")
-        if answer.renew or time.time() >= self._renew_at():
-            await self.renew()
-        return answer.checkin_interval
-
-    def _failed(self, exc: ServerError) -> float:
-        expired = self._expired_since()
-        if expired is not None:
-            exc = ServerError(f"this host's certificate expired at {expired} (the host was off "
-                              "longer than its lifetime): the server no longer accepts it", 401)
-        if exc.identity_refused:
-            event(log, "checkin_refused", "the server refuses this host's identity: %s", exc,
-                  level=logging.ERROR, host_id=self.enrollment.host_id, reason=str(exc))
-            self._record(None, ok=False, error=f"{exc} (re-join with a new token: "
-                                                 "virtfleet-agent join --force '<JOIN>')")
-            notify.status(f"refused by the server: {exc}; join again with a new token: "
-                          "virtfleet-agent join --force '<JOIN>'")
-            return REFUSED_WAIT
-        delay = self.backoff.next_delay(exc.retry_after)
-        log.warning("check-in failed (%s); retrying in %.1f s", exc, delay)
-        self._record(None, ok=False, error=str(exc))
-        notify.status(f"cannot check in with {self.enrollment.server_url}: {exc}; next try at "
-                      f"{_clock(time.time() + delay)}, last success {_clock(self.last.get('last_success'))}")
+    async def checkin_once(self) -> float | None:
+        """One check-in; how long to wait before the next, or None to stop."""
+        outcome = await check_in(self.client, self.config, self.state, self.local)
+        self._saw_libvirtd(outcome.report.libvirtd.ok)
+        delay = self._succeeded(outcome) if outcome.ok else self._failed(outcome)
+        self.book.record(outcome, delay)
         return delay
 
-    def _record(self, report: wire.Report | None, ok: bool, **fields: Any) -> None:
-        now = time.time()
-        self.last = self.last | {"at": now, "ok": ok, **fields}
-        if ok:
-            self.last["last_success"] = now
-            self.last.pop("error", None)
-        if report is not None:
-            self.last["libvirtd"] = wire.to_json(report.libvirtd)
-        try:
-            self.state.save_status(self.last)
-        except OSError as exc:
-            log.warning("cannot save status: %s", exc)
+    def _succeeded(self, outcome: Outcome) -> float:
+        answer = outcome.answer
+        assert answer is not None
+        self.backoff.reset()
+        self.reported_libvirtd_ok = outcome.report.libvirtd.ok
+        if not outcome.report.libvirtd.ok:
+            self._reported_down.set()
+        detail = "" if answer.status == "online" else f": {answer.detail}"
+        notify.status(f"{answer.status} as {outcome.report.hostname} (host {answer.host_id})"
+                      f"{detail}; last check-in {_clock(time.time())}")
+        if answer.renew:
+            self.certs.request()  # in its own task: this check-in is done
+        return clamp_interval(answer.checkin_interval)
 
-    def _expired_since(self) -> str | None:
-        not_after = self.state.identity_expiry()
-        if not_after > time.time():
+    def _failed(self, outcome: Outcome) -> float | None:
+        host_id = self.enrollment.host_id
+        if outcome.verdict is Verdict.IDENTITY_GONE:
+            event(log, "checkin_refused", "the server refuses this host's identity: %s; the "
+                  "agent stops", outcome.message, level=logging.ERROR, host_id=host_id,
+                  reason=outcome.message)
+            notify.status(f"refused by the server: {outcome.message}")
+            self.refused = outcome
             return None
-        return dt.datetime.fromtimestamp(not_after, dt.timezone.utc).isoformat(timespec="seconds")
+        if outcome.verdict in (Verdict.ROLE_REFUSED, Verdict.REFUSED):
+            event(log, "checkin_refused", "the server refuses this check-in: %s", outcome.message,
+                  level=logging.ERROR, host_id=host_id, reason=outcome.message)
+            notify.status(f"refused by the server: {outcome.message}")
+            return REFUSED_WAIT
+        assert outcome.error is not None
+        delay = self.backoff.next_delay(outcome.error.retry_after)
+        log.warning("check-in failed (%s); retrying in %.1f s", outcome.message, delay)
+        notify.status(f"cannot check in with {self.enrollment.server_url}: {outcome.message}; "
+                      f"next try at {_clock(time.time() + delay)}, last success "
+                      f"{_clock(self.book.last.get('last_success'))}")
+        return delay
 
     # -- systemd's watchdog --------------------------------------------------------
 
@@ -189,7 +180,7 @@ class Runner:
             up = (await asyncio.to_thread(self.local.connection)) is not None
             self._saw_libvirtd(up)
             told = self.reported_libvirtd_ok
-            if told is not None and up != told and self.last.get("ok"):
+            if told is not None and up != told and self.book.last.get("ok"):
                 self.early.set()  # (not while check-ins fail: their backoff stands)
             steady = up and told is not False
             self._reported_down.clear()
@@ -205,40 +196,3 @@ class Runner:
                   "" if up else f": {self.local.error}", level=logging.INFO if up else logging.WARNING,
                   host_id=self.enrollment.host_id, reason=self.local.error)
         self._libvirtd_up = up
-
-    # -- renewal -----------------------------------------------------------------
-
-    def _renew_at(self) -> float:
-        # The lifetime counts from when this host received the certificate (by its own
-        # clock), not from notBefore: the server backdates that to forgive clock skew.
-        issued = self.state.identity.stat().st_mtime
-        return renewal_time(issued, self.state.identity_expiry(), self._jitter)
-
-    async def renew(self) -> None:
-        # Imported only to renew (or join): cryptography is 4 MB of the agent's memory that
-        # a check-in does not need.
-        from agent.enroll import install_libvirt_tls
-        from common import pki
-
-        key = pki.new_key()
-        libvirt_key = pki.new_key() if self.config.libvirt.configure_tls else None
-        try:
-            identity = await self.client.renew(
-                pki.make_csr(key, self.config.hostname),
-                pki.make_csr(libvirt_key, self.config.hostname) if libvirt_key else None)
-        except ServerError as exc:
-            log.warning("certificate renewal failed: %s (will retry)", exc)
-            return
-        self.state.save_identity(pki.key_pem(key), identity.certificate)
-        self.client.use_context(self.state.client_context())
-        if libvirt_key is not None:
-            try:
-                await asyncio.to_thread(install_libvirt_tls, self.config, self.state,
-                                        libvirt_key, identity, True)
-            except TLSSetupError as exc:
-                log.error("libvirtd TLS renewal not installed: %s", exc)
-        expires = dt.datetime.fromtimestamp(self.state.identity_expiry(), dt.timezone.utc)
-        event(log, "certificate_renewed", "certificates renewed; identity valid until %s",
-              expires.isoformat(timespec="seconds"),
-              host_id=self.enrollment.host_id)
-        self._jitter = random.random()

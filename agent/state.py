@@ -3,19 +3,24 @@
     identity.pem    the host's private key and its certificate, in one file (0600) so a
                     renewal replaces both at once; the key is made here and never sent
     ca.crt          the server's identity CA (trusted because it matched the join pin)
-    agent.json      host id, server URL, CA pin, role, enrollment time
+    agent.json      host id, server URL, CA pin, role, hostname, enrollment time
     status.json     the last check-in and its result, for `virtfleet-agent status`
+    agent.lock      held (flock) by the process acting for the host: `run`, or a `join`
 
 Every file is written atomically: a crash leaves the old identity or the new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as dt
+import fcntl
 import json
+import os
 import ssl
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,16 @@ class Enrollment:
     ca_pin: str
     role: str
     enrolled_at: float
+    # The name given at join (or set in agent.toml since), reported on every check-in.
+    # "" in an agent.json from before it was kept: the machine's hostname.
+    hostname: str = ""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Enrollment:
+        """Fields this version does not know (a newer agent's, after a downgrade) are left
+        out rather than refused."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class State:
@@ -48,14 +63,20 @@ class State:
     def enrolled(self) -> Enrollment | None:
         if not (self._agent.exists() and self.identity.exists()):
             return None
-        return Enrollment(**json.loads(self._agent.read_text()))
+        return Enrollment.from_json(json.loads(self._agent.read_text()))
 
     def save_enrollment(self, enrollment: Enrollment, key_pem: bytes, cert_pem: str,
                         ca_pem: str) -> None:
         """Identity and CA first, agent.json last: it is what marks the host enrolled."""
         self.save_identity(key_pem, cert_pem)
         write_atomic(self.ca, ca_pem)
+        self.update_enrollment(enrollment)
+
+    def update_enrollment(self, enrollment: Enrollment) -> None:
         write_atomic(self._agent, json.dumps(asdict(enrollment), indent=2) + "\n")
+
+    def lock(self) -> AgentLock:
+        return AgentLock(self.dir / "agent.lock")
 
     def save_identity(self, key_pem: bytes, cert_pem: str) -> None:
         write_atomic(self.identity, key_pem + cert_pem.encode(), mode=0o600)
@@ -75,6 +96,60 @@ class State:
 
     def client_context(self) -> ssl.SSLContext:
         return client_context(self.ca, self.identity)
+
+
+class AgentLock:
+    """STATE/agent.lock: one process at a time acts for the host (`run`, or a `join`), so a
+    `join --force` cannot replace the identity under a running agent. An flock, which the
+    kernel drops when its process dies however it dies: a stale file holds nothing. The
+    file holds the holder's pid, for the messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, patience: float = 1.0) -> bool:
+        """Take it (the state dir must exist); False if another process holds it. A
+        moment's patience: `status` probing it holds it for a few microseconds."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def holder(self) -> int | None:
+        """The pid holding it, if any process does (0 if it has not written it yet).
+        Read-only: it creates nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 32).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else 0
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def client_context(ca: Path, identity: Path) -> ssl.SSLContext:

@@ -232,13 +232,15 @@ class ErrorBody:
 T = TypeVar("T")
 
 
-def parse(cls: type[T], obj: Any, where: str = "") -> T:
-    """Build message `cls` from decoded JSON, checking every field's type and bounds."""
+def parse(cls: type[T], obj: Any, where: str = "", *, ignore_unknown: bool = False) -> T:
+    """Build message `cls` from decoded JSON, checking every field's type and bounds.
+    `ignore_unknown`: for answers an agent reads, where a field it does not know is a
+    newer server's addition, not an error (the server stays strict with what it accepts)."""
     if not isinstance(obj, dict):
         raise WireError(f"{where or 'body'}: expected a JSON object, got {_kind(obj)}")
     hints, fields = _schema(cls)
     unknown = sorted(set(obj) - set(fields))
-    if unknown:
+    if unknown and not ignore_unknown:
         # Named back to the sender, so bounded: a refusal must not echo a whole body.
         shown = ", ".join(repr(name[:40]) for name in unknown[:5])
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
@@ -250,7 +252,7 @@ def parse(cls: type[T], obj: Any, where: str = "") -> T:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise WireError(f"{path}: required field is missing")
             continue
-        values[name] = _value(hints[name], obj[name], path, f.metadata)
+        values[name] = _value(hints[name], obj[name], path, f.metadata, ignore_unknown)
     return cls(**values)
 
 
@@ -267,15 +269,15 @@ def _schema(cls: type) -> _Schema:
     return _SCHEMAS[cls]
 
 
-def _value(hint: Any, value: Any, path: str, meta: Any) -> Any:
+def _value(hint: Any, value: Any, path: str, meta: Any, ignore_unknown: bool = False) -> Any:
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _value(options[0], value, path, meta)
+        return _value(options[0], value, path, meta, ignore_unknown)
     if dataclasses.is_dataclass(hint):
-        return parse(hint, value, path)  # type: ignore[arg-type]
+        return parse(hint, value, path, ignore_unknown=ignore_unknown)  # type: ignore[arg-type]
     if hint is str:
         if not isinstance(value, str):
             raise WireError(f"{path}: expected a string, got {_kind(value)}")
@@ -352,11 +354,11 @@ def to_json(message: Any) -> dict[str, Any]:
     return out
 
 
-def decode_body(cls: type[T], raw: bytes) -> T:
+def decode_body(cls: type[T], raw: bytes, *, ignore_unknown: bool = False) -> T:
     """Parse an HTTP body: size, JSON, then schema."""
     if len(raw) > MAX_BODY_BYTES:
         raise WireError(f"body is {len(raw)} bytes, the limit is {MAX_BODY_BYTES}")
-    return parse(cls, load_json(raw, "body"))
+    return parse(cls, load_json(raw, "body"), ignore_unknown=ignore_unknown)
 
 
 def load_json(raw: bytes, what: str) -> Any:

@@ -4,13 +4,18 @@ the certificate expiry it reads without cryptography, the host facts it reads fr
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import http.server
+import io
 import ipaddress
 import json
+import os
 import select
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,8 +29,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from agent import client, collectors
+from agent import config as config_mod
+from agent.certs import SCHEDULED_GAP_MIN, CertManager, renewal_time, requested_gap
+from agent.checkin import MAX_INTERVAL, MIN_INTERVAL, Verdict, clamp_interval, judge
+from agent.cli import build_parser as agent_parser
+from agent.cli import read_join
 from agent.collectors import host
-from agent.state import cert_not_after, client_context
+from agent.config import AgentConfig, ConfigError
+from agent.enroll import JoinError, choose_role, token_role
+from agent.state import Enrollment, State, cert_not_after, client_context
 from common import pki, wire
 from tests.harness import free_port, wait_for
 
@@ -293,3 +305,292 @@ def test_the_agent_sends_its_certificate_without_its_ca(tmp_path: Path) -> None:
     _handshake(with_chain, server_ctx, "server")
     with pytest.raises(ssl.SSLCertVerificationError, match="unable to get local issuer"):
         _handshake(agents, server_ctx, "server")
+
+
+# -- what the server sends is bounded ------------------------------------------------
+
+
+def _stream(size: int, declared: bool) -> Callable[[Handler], tuple[int, dict[str, str], bytes]]:
+    """An answer of `size` bytes (claimed in Content-Length, or streamed chunked)."""
+    def answer(handler: Handler) -> tuple[int, dict[str, str], bytes]:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length" if declared else "Transfer-Encoding",
+                            str(size) if declared else "chunked")
+        handler.end_headers()
+        with contextlib.suppress(OSError):
+            chunk = b" " * 65536
+            for _ in range(size // len(chunk)):
+                handler.wfile.write(chunk if declared else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        handler.close_connection = True
+        return 0, {}, b""
+    return answer
+
+
+class StreamHandler(Handler):
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.answer(self)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.answer(self)
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_huge_ca_answer_is_refused_without_reading_it(tmp_path: Path, declared: bool) -> None:
+    """The /v1/ca answer comes before the pin check, from whoever answers at the URL."""
+    server = Server(tmp_path, _stream(64 * 2**20, declared))
+    server.RequestHandlerClass = StreamHandler
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(client.ServerError, match="longer than 65536|of 67108864 bytes"):
+            asyncio.run(client.fetch_ca(server.url))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_answer_longer_than_the_protocol_allows_is_an_error(tmp_path: Path) -> None:
+    server = Server(tmp_path, _stream(wire.MAX_BODY_BYTES + 65536 * 4, False))
+    server.RequestHandlerClass = StreamHandler
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    agent = server.client()
+    try:
+        with pytest.raises(client.ServerError, match=f"longer than {wire.MAX_BODY_BYTES}"):
+            asyncio.run(agent.checkin(REPORT))
+    finally:
+        agent.close()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status, body, words", [
+    (403, b"[" * 100_000 + b"]" * 100_000, "HTTP 403"),  # RecursionError in json
+    (403, b'{"error": "x", "message": ' + b"[" * 5000 + b"]" * 5000 + b"}", "HTTP 403"),
+    (500, b'{"error": 5, "message": "m"}', "HTTP 500"),
+    (403, b'{"error": "unknown_host", "message": "\\u001b]52;c;aGk=\\u0007gone"}',
+     r"\x1b]52;c;aGk=\x07gone"),
+    (200, b'{"host_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (200, b'{"host_id": "h", "status": 5}', "status: expected a string"),
+    (200, b"\xff\xfe", "not valid JSON"),
+])
+def test_any_answer_is_a_clear_server_error(serve: Callable[..., Server], status: int,
+                                            body: bytes, words: str) -> None:
+    agent = serve(lambda _h: (status, {}, body)).client()
+    with pytest.raises(client.ServerError) as caught:
+        asyncio.run(agent.checkin(REPORT))
+    agent.close()
+    assert words in str(caught.value)
+    assert "\x1b" not in str(caught.value) and "\x07" not in str(caught.value)
+
+
+def test_fields_a_newer_server_adds_are_ignored(serve: Callable[..., Server]) -> None:
+    agent = serve(lambda _h: (200, {}, json.dumps(ANSWER | {"server_urls": ["x"]}).encode())).client()
+    assert asyncio.run(agent.checkin(REPORT)).host_id == "h1"
+    agent.close()
+
+
+# -- the certificate manager -------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _identity(tmp_path: Path, lifetime: float) -> State:
+    """A state dir holding an identity issued now for `lifetime` seconds."""
+    key, cert = self_signed(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+                            + dt.timedelta(seconds=lifetime))
+    state = State(tmp_path / "state")
+    state.prepare()
+    state.save_identity(key, pki.cert_pem(cert))
+    (state.dir / "ca.crt").write_text(pki.cert_pem(cert))
+    return state
+
+
+def test_renewal_between_70_and_90_percent_of_the_lifetime() -> None:
+    assert renewal_time(0, 100, 0.0) == 70
+    assert renewal_time(0, 100, 1.0) == pytest.approx(90)
+    assert renewal_time(1000, 1100, 0.5) == pytest.approx(1080)
+
+
+def test_asked_for_renewals_come_at_most_once_per_gap(tmp_path: Path) -> None:
+    """A server saying renew: true on every answer gets one renewal per requested_gap."""
+    lifetime = 30 * 86400.0
+    state = _identity(tmp_path, lifetime)
+    clock = Clock(state.identity.stat().st_mtime + 86400)  # a day after the identity came
+    certs = CertManager(AgentConfig(), state, "https://x", "h1", clock=clock, rand=lambda: 0.5)
+    renewed: list[float] = []
+
+    async def fake_renew() -> None:
+        renewed.append(clock.now)
+
+    certs._renew = fake_renew  # type: ignore[method-assign]
+    assert requested_gap(lifetime) == pytest.approx(0.01 * lifetime)  # 7.2 h, over the 60 s floor
+    assert requested_gap(600) == 60
+    assert not certs.due()  # 70-90 % is weeks away
+    for _ in range(200):  # 200 answers, 1 s apart, each asking
+        certs.request()
+        asyncio.run(certs.renew_if_due())
+        clock.now += 1
+    assert len(renewed) == 1
+    clock.now = renewed[0] + requested_gap(lifetime) - 1
+    certs.request()
+    assert not certs.due()
+    clock.now += 2
+    assert certs.due() and asyncio.run(certs.renew_if_due()) and len(renewed) == 2
+
+
+def test_scheduled_renewal_is_due_at_its_time_and_never_in_a_burst(tmp_path: Path) -> None:
+    state = _identity(tmp_path, 1000)
+    issued = state.identity.stat().st_mtime
+    clock = Clock(issued)
+    certs = CertManager(AgentConfig(), state, "https://x", "h1", clock=clock, rand=lambda: 0.0)
+    assert certs.due_at() == pytest.approx(renewal_time(issued, certs.not_after, 0.0))
+    clock.now = certs.due_at() - 1
+    assert not certs.due()
+    clock.now += 1
+    assert certs.due()
+    # A server handing out a lifetime of a second: never more than one try per SCHEDULED_GAP_MIN.
+    certs.not_after = issued + 1
+    certs._last_attempt = clock.now = issued + 100
+    assert certs.due_at() == issued + 100 + SCHEDULED_GAP_MIN
+
+
+def test_a_renewal_that_hangs_is_abandoned_at_its_own_deadline(tmp_path: Path) -> None:
+    certs = CertManager(AgentConfig(), _identity(tmp_path, 1000), "https://x", "h1", timeout=0.2)
+
+    async def hang() -> None:
+        await asyncio.sleep(60)
+
+    certs._renew = hang  # type: ignore[method-assign]
+    started = time.monotonic()
+    assert asyncio.run(certs.renew()) is False
+    assert time.monotonic() - started < 5 and certs.renewals == 0
+
+
+# -- one check-in: what a failure means -----------------------------------------------------
+
+
+@pytest.mark.parametrize("seconds, expected", [(-1, MIN_INTERVAL), (0, MIN_INTERVAL),
+                                               (7.5, 7.5), (1e300, MAX_INTERVAL)])
+def test_the_servers_interval_is_clamped(seconds: float, expected: float) -> None:
+    assert clamp_interval(seconds) == expected
+
+
+@pytest.mark.parametrize("status, code, verdict, words", [
+    (403, "unknown_host", Verdict.IDENTITY_GONE, "join --force"),
+    (403, "role_refused", Verdict.ROLE_REFUSED, "role = 'mixed' in /etc/a.toml"),
+    (401, "no_client_certificate", Verdict.REFUSED, "m"),
+    (403, "", Verdict.REFUSED, "m"),
+    (503, "busy", Verdict.RETRY, "m"),
+    (None, "", Verdict.RETRY, "m"),
+])
+def test_a_failed_check_in_is_judged_by_what_it_means(
+        tmp_path: Path, status: int | None, code: str, verdict: Verdict, words: str) -> None:
+    state = _identity(tmp_path, 1000)
+    config = AgentConfig(role="mixed", role_from_file=True, path=Path("/etc/a.toml"))
+    got, message = judge(client.ServerError("m", status, code), state, config)
+    assert got is verdict and words in message
+    if verdict is Verdict.ROLE_REFUSED:
+        assert "join --force" not in message and "no new join needed" in message
+
+
+def test_an_expired_certificate_is_identity_gone_whatever_the_server_said(tmp_path: Path) -> None:
+    state = _identity(tmp_path, -10)
+    got, message = judge(client.ServerError("busy", 503), state, AgentConfig())
+    assert got is Verdict.IDENTITY_GONE and "certificate expired" in message and "re-join" in message
+
+
+# -- joining: the role, the hostname, the join string ---------------------------------------
+
+
+def _token(claims: dict[str, Any]) -> str:
+    def part(obj: Any) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+    return f"{part({'alg': 'EdDSA'})}.{part(claims)}.c2ln"
+
+
+def test_the_tokens_role_is_read_without_verifying() -> None:
+    assert token_role(_token({"role": "hypervisor"})) == "hypervisor"
+    for odd in ("", "x", "a.!!!.c", _token({"role": "root"}), _token({"role": 5}),
+                _token(["role"]), "a." + "W" * 3 + ".c", "a." + base64.urlsafe_b64encode(
+                    b"[" * 100_000).decode() + ".c"):
+        assert token_role(odd) is None, odd
+
+
+def test_the_role_given_else_joined_with_else_the_tokens() -> None:
+    assert choose_role("disk_operations", "mixed", "hypervisor") == "disk_operations"
+    assert choose_role("", "mixed", "hypervisor") == "hypervisor"  # join --force keeps it
+    assert choose_role("", "hypervisor", None) == "hypervisor"  # the README's example
+    assert choose_role("", None, None) == "mixed"
+    with pytest.raises(JoinError, match="--role disk_operations"):
+        choose_role("", "disk_operations", "mixed")
+
+
+def test_no_role_is_the_default_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    assert AgentConfig().role == ""
+    (tmp_path / "a.toml").write_text('role = "hypervsior"\n')
+    with pytest.raises(ConfigError, match="role 'hypervsior' is not one of"):
+        config_mod.load(tmp_path / "a.toml")
+    (tmp_path / "a.toml").write_text('hostname = "hv-9"\n')
+    loaded = config_mod.load(tmp_path / "a.toml")
+    assert loaded.hostname == "hv-9" and loaded.hostname_given and not loaded.role_from_file
+
+
+def test_agent_json_from_an_older_or_newer_agent_still_reads(tmp_path: Path) -> None:
+    old = {"host_id": "h", "server_url": "https://s", "ca_pin": "p", "role": "mixed",
+           "enrolled_at": 1.0}
+    assert Enrollment.from_json(old).hostname == ""
+    assert Enrollment.from_json(old | {"hostname": "n", "later": 1}).hostname == "n"
+
+
+@pytest.mark.parametrize("argv, stdin, words", [
+    (["-"], b"  vfjoin1.abc\n", "vfjoin1.abc"),
+    (["--join-file", "{file}"], None, "vfjoin1.fromfile"),
+    (["vfjoin1.arg"], None, "vfjoin1.arg"),
+    (["-"], b"\n", "stdin is empty"),
+    (["-"], b"x" * 20000, "more than 16384 bytes"),
+    ([], None, "join -` reads it from stdin"),
+    (["x", "--join-file", "{file}"], None, "give the join string once"),
+    (["--join-file", "/nonexistent/j"], None, "No such file"),
+])
+def test_the_join_string_from_an_argument_stdin_or_a_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], stdin: bytes | None,
+        words: str) -> None:
+    (tmp_path / "j").write_text("vfjoin1.fromfile\n")
+    args = agent_parser().parse_args(["join", *(a.replace("{file}", str(tmp_path / "j"))
+                                                for a in argv)])
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    try:
+        got = read_join(args)
+    except ValueError as exc:
+        got = str(exc)
+    assert words in got
+
+
+def test_the_lock_is_held_by_one_process_and_dies_with_it(tmp_path: Path) -> None:
+    state = State(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, pathlib; from agent.state import State; "
+         f"lock = State(pathlib.Path({str(tmp_path)!r})).lock(); assert lock.acquire(); "
+         "print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        assert state.lock().holder() == holder.pid
+        assert not state.lock().acquire(patience=0.1)
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert state.lock().holder() is None  # killed: the kernel dropped its lock
+    mine = state.lock()
+    assert mine.acquire() and state.lock().holder() == os.getpid()
+    mine.release()
+    assert State(tmp_path / "none").lock().holder() is None  # no file: nobody, nothing made
+    assert not (tmp_path / "none").exists()
