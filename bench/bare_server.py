@@ -18,9 +18,9 @@ from pathlib import Path
 from aiohttp import web
 
 from common import wire
-from server.app import tune_garbage_collector
 from server.ca import CertificateAuthority
 from server.fleet import checkin_delay, serial_of
+from server.memory import tune_garbage_collector
 from server.tls import ensure_server_cert, limit_tls_buffers, server_context, server_names
 
 ANSWER = {"host_id": "0123456789ab", "status": "connecting", "enabled": True, "role": "mixed",

@@ -16,7 +16,7 @@ import libvirt
 
 from bench.util import rss_mb
 from common import libvirt_events
-from server.connections import KEEPALIVE_COUNT, KEEPALIVE_INTERVAL
+from server.links.opener import KEEPALIVE_COUNT, KEEPALIVE_INTERVAL
 
 
 def main() -> int:

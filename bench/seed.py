@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import pki, wire
 from server.config import ServerConfig
-from server.fleet import Fleet
+from server.main import build
 
 ADDRESS = "127.0.0.1"  # where the load generator checks in from
 
@@ -27,7 +27,8 @@ def seed_hosts(state_dir: Path, identities: Path, count: int, report: wire.Repor
     """Enroll `count` hosts; write identities/ca.crt and identities/N.pem for each."""
     logging.getLogger("server").setLevel(logging.WARNING)  # 10,000 "enrolled" lines is noise
     identities.mkdir(parents=True, exist_ok=True)
-    fleet = Fleet(ServerConfig(state_dir=state_dir))
+    parts = build(ServerConfig(state_dir=state_dir))
+    fleet = parts.fleet
     try:
         token = fleet.create_token("mixed", ttl=3600, uses=count, auto_enable=True,
                                    description="bench seed").token
@@ -39,4 +40,4 @@ def seed_hosts(state_dir: Path, identities: Path, count: int, report: wire.Repor
                                                      report=host_report), ADDRESS)
             (identities / f"{i}.pem").write_bytes(pki.key_pem(key) + answer.identity.certificate.encode())
     finally:
-        fleet.close()
+        parts.close()

@@ -78,6 +78,18 @@ class Names:
         return x509.SubjectAlternativeName(general)
 
 
+def host_dns_name(host_id: str) -> str:
+    """The name only this host's libvirtd certificates carry: the server checks it on
+    every connection (links/direct.py)."""
+    return f"{host_id}.hosts.virtfleet"
+
+
+def libvirt_names(host_id: str, address: str) -> Names:
+    """Names a host's libvirtd certificate is valid for: the host's own name and the
+    address the server sees the host at. Never a name the host asks for."""
+    return Names(dns=(host_dns_name(host_id),), ips=(address,) if address else ())
+
+
 class CertificateAuthority:
     def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
         self.key = key

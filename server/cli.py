@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from server.app import serve as run_server
+    from server.main import serve as run_server
 
     logs.setup("virtfleet-server", args.log_level)
     if args.grace < 2 * args.checkin_interval:
@@ -182,10 +182,9 @@ def serve(args: argparse.Namespace) -> int:
         grace=args.grace, identity_cert_lifetime=lifetime, libvirt_cert_lifetime=lifetime,
         enroll_rate=args.enroll_rate)
     try:
-        asyncio.run(run_server(config))
+        return asyncio.run(run_server(config))
     except OSError as exc:
         return fail(f"cannot start: {exc}")
-    return 0
 
 
 def run_admin(args: argparse.Namespace) -> int:

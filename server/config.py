@@ -37,7 +37,3 @@ class ServerConfig:
         if ":" in host:
             host = f"[{host}]"
         return f"https://{host}:{self.listen_port}"
-
-
-def admin_socket_path(state_dir: Path) -> Path:
-    return ServerConfig(state_dir=state_dir).admin_socket

@@ -1,19 +1,22 @@
-"""The server's parts and what it does with a host: enroll, check in, renew, admin.
+"""What the server does with a host: enroll, check in, renew, and the admin's intent.
 
-`Fleet` holds the store, the CAs, the token signer, the status keeper and the libvirt
-connection manager. The HTTP layers (`app.py` for agents, `admin.py` for operators)
-only parse, call one method here and render the answer.
+No HTTP, no libvirt, no SQL here: `Fleet` is handed the store, the CAs, the token
+signer, the status keeper and the link controls it needs. The doors (doors/agent_api.py
+for agents, doors/admin_api.py for operators) only parse, call one method here and
+render the answer.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import secrets
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -21,17 +24,21 @@ from cryptography.x509.oid import NameOID
 from common import pki, wire
 from common.logs import event
 from server import ca as ca_mod
-from server.ca import CertificateAuthority, Names
+from server.ca import CertificateAuthority, libvirt_names
 from server.config import ServerConfig
-from server.connections import ConnectionManager
 from server.hosts import HostStatus
-from server.store import Host, Store, StoreError, Token
-from server.tokens import TokenError, TokenSigner, load_or_create_signing_key
+from server.model import AdminState, Connection, Host, LinkState, Status, Token
+from server.ratelimit import RateLimiter
+from server.store import Store, StoreError
+from server.tokens import TokenError, TokenSigner
 
 log = logging.getLogger(__name__)
 
 HOST_ORG = "virtfleet-host"
-LIBVIRT_CLIENT_CN = "virtfleet-server libvirt client"
+# Per host: a healthy agent checks in every few seconds (sooner after an event) and
+# renews once a month or when it moves; anything far beyond is a loop or an attack.
+CHECKIN_RATE, CHECKIN_BURST = 2.0, 20.0
+RENEW_RATE, RENEW_BURST = 1 / 600, 3.0
 
 
 class Refused(Exception):
@@ -45,6 +52,20 @@ class Refused(Exception):
         self.headers = headers or {}
 
 
+def rate_limited(limiter: RateLimiter, key: str, what: str) -> Refused:
+    wait = limiter.retry_after(key)
+    return Refused(429, "rate_limited", f"too many {what}; retry in {wait} s",
+                   headers={"Retry-After": str(wait)})
+
+
+class LinkControl(Protocol):
+    """What the domain tells the link manager."""
+
+    def host_changed(self, host_id: str, libvirtd_recovered: bool = False,
+                     host: Host | None = None) -> None: ...
+    def reconnect(self, host_id: str) -> None: ...
+
+
 @dataclass
 class CreatedToken:
     token: str
@@ -53,20 +74,21 @@ class CreatedToken:
 
 
 class Fleet:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, store: Store, identity_ca: CertificateAuthority,
+                 libvirt_ca: CertificateAuthority, signer: TokenSigner, status: HostStatus,
+                 links: LinkControl, link_states: Mapping[str, Connection],
+                 libvirt_client_dn: str) -> None:
         self.config = config
-        state = config.state_dir
-        state.mkdir(mode=0o700, parents=True, exist_ok=True)
-        state.chmod(0o700)
-        self.identity_ca = CertificateAuthority.load_or_create(state / "identity", "virtfleet identity CA")
-        self.libvirt_ca = CertificateAuthority.load_or_create(state / "libvirt", "virtfleet libvirt CA")
-        self.signer = TokenSigner(load_or_create_signing_key(state / "token-signing.key"))
-        self.store = Store(state / "state.db")
-        self.connections = ConnectionManager(self)
-        self.status = HostStatus(self.store, config.grace, self.connections.state_of)
-
-    def close(self) -> None:
-        self.store.close()
+        self.store = store
+        self.identity_ca = identity_ca
+        self.libvirt_ca = libvirt_ca
+        self.signer = signer
+        self.status = status
+        self.links = links
+        self.link_states = link_states
+        self.libvirt_client_dn = libvirt_client_dn
+        self._checkins = RateLimiter(CHECKIN_RATE, CHECKIN_BURST)
+        self._renewals = RateLimiter(RENEW_RATE, RENEW_BURST)
 
     # -- tokens --------------------------------------------------------------
 
@@ -84,7 +106,11 @@ class Fleet:
 
     # -- enrollment ----------------------------------------------------------
 
-    def enroll(self, req: wire.EnrollRequest, address: str) -> wire.EnrollResponse:
+    def enroll(self, req: wire.EnrollRequest, address: str,
+               replaces: Host | None = None) -> wire.EnrollResponse:
+        """Enroll a host. `replaces`: the host whose (still valid) identity the request
+        came with, when an enrolled host joins again: it keeps its id and history and
+        takes the new identity in place, so one machine never shows twice."""
         try:
             claims = self.signer.verify(req.token)
         except TokenError as exc:
@@ -95,20 +121,12 @@ class Fleet:
                           f"role {role!r} is beyond what this join token allows ({claims.role!r})")
         csr = self._csr(req.csr, "csr")
         libvirt_csr = self._csr(req.libvirt_csr, "libvirt_csr") if req.libvirt_csr else None
-        host_id = secrets.token_hex(6)
+        host_id = replaces.id if replaces else secrets.token_hex(6)
         identity, cert = self._issue(host_id, csr, libvirt_csr, address)
         now = time.time()
-        admin_state = "enabled" if claims.auto_enable else "pending"
-        host = Host(
-            id=host_id, hostname=req.report.hostname, admin_state=admin_state,
-            configured_role=role, role_override=None, role_limit=claims.role,
-            status="connecting" if claims.auto_enable else "pending",
-            detail=f"enrolled with join token {claims.jti} from {address}",
-            status_since=now, enrolled_at=now, last_checkin=now, address=address,
-            agent_version=req.report.agent_version, report=wire.to_json(req.report),
-            token_jti=claims.jti, cert_serial=f"{cert.serial_number:x}",
-            cert_not_after=pki.not_after(cert).timestamp(),
-        )
+        host = self._enrolled_host(host_id, req.report, claims.jti, claims.role, claims.auto_enable,
+                                   address, now, replaces)
+        host.cert_serial, host.cert_not_after = f"{cert.serial_number:x}", pki.not_after(cert).timestamp()
         if identity.libvirt_certificate:
             lv = pki.load_cert(identity.libvirt_certificate)
             host.libvirt_cert_serial = f"{lv.serial_number:x}"
@@ -118,12 +136,34 @@ class Fleet:
             self.store.enroll(host, now)
         except StoreError as exc:
             raise Refused(403, "token_refused", str(exc)) from None
-        event(log, "enrolled", "host %s enrolled as %s from %s (role %s, token %s)",
-              req.report.hostname, host_id, address, role, claims.jti, host_id=host_id)
+        if replaces is not None:
+            self.store.revoke_libvirt_certs(host_id, host.libvirt_serials, now)
+            self.links.reconnect(host_id)
+        event(log, "enrolled", "host %s %s as %s from %s (role %s, token %s)", req.report.hostname,
+              "joined again" if replaces else "enrolled", host_id, address, role, claims.jti,
+              host_id=host_id)
         self.status.refresh(host_id)
-        self.connections.host_changed(host_id)
+        self.links.host_changed(host_id)
         return wire.EnrollResponse(host_id=host_id, identity=identity,
                                    checkin_interval=self.config.checkin_interval)
+
+    @staticmethod
+    def _enrolled_host(host_id: str, report: wire.Report, jti: str, role_limit: str,
+                       auto_enable: bool, address: str, now: float, replaces: Host | None) -> Host:
+        admin_state = AdminState.ENABLED if auto_enable else AdminState.PENDING
+        if replaces is not None and replaces.admin_state != AdminState.PENDING:
+            admin_state = replaces.admin_state  # a re-join keeps what the admin decided
+        status = Status.PENDING if admin_state == AdminState.PENDING else Status.CONNECTING
+        what = "joined again (new identity, same host)" if replaces else "enrolled"
+        host = Host(
+            id=host_id, hostname=report.hostname, admin_state=admin_state,
+            configured_role=report.role, role_override=replaces.role_override if replaces else None,
+            role_limit=role_limit, status=status,
+            detail=f"{what} with join token {jti} from {address}",
+            status_since=now, enrolled_at=replaces.enrolled_at if replaces else now,
+            last_checkin=now, address=address, agent_version=report.agent_version, token_jti=jti)
+        host.take_report(report, json.dumps(wire.to_json(report)))
+        return host
 
     def _csr(self, pem: str, what: str) -> x509.CertificateSigningRequest:
         try:
@@ -134,20 +174,18 @@ class Fleet:
     def _issue(self, host_id: str, csr: x509.CertificateSigningRequest,
                libvirt_csr: x509.CertificateSigningRequest | None,
                address: str) -> tuple[wire.Identity, x509.Certificate]:
-        cert = self.identity_ca.issue(
-            csr.public_key(), [(NameOID.ORGANIZATION_NAME, HOST_ORG), (NameOID.COMMON_NAME, host_id)],
-            lifetime=self.config.identity_cert_lifetime, client=True)
+        subject = [(NameOID.ORGANIZATION_NAME, HOST_ORG), (NameOID.COMMON_NAME, host_id)]
+        cert = self.identity_ca.issue(csr.public_key(), subject,
+                                      lifetime=self.config.identity_cert_lifetime, client=True)
         identity = wire.Identity(certificate=pki.cert_pem(cert),
                                  ca_certificate=self.identity_ca.cert_pem)
         if libvirt_csr is not None:
-            lv = self.libvirt_ca.issue(
-                libvirt_csr.public_key(),
-                [(NameOID.ORGANIZATION_NAME, HOST_ORG), (NameOID.COMMON_NAME, host_id)],
-                lifetime=self.config.libvirt_cert_lifetime, server=True,
-                names=libvirt_names(host_id, address))
+            lv = self.libvirt_ca.issue(libvirt_csr.public_key(), subject,
+                                       lifetime=self.config.libvirt_cert_lifetime, server=True,
+                                       names=libvirt_names(host_id, address))
             identity.libvirt_certificate = pki.cert_pem(lv)
             identity.libvirt_ca_certificate = self.libvirt_ca.cert_pem
-            identity.libvirt_client_dn = self.connections.client_dn
+            identity.libvirt_client_dn = self.libvirt_client_dn
         return identity, cert
 
     # -- check-in and renewal -------------------------------------------------
@@ -173,31 +211,53 @@ class Fleet:
         return host
 
     def checkin(self, host: Host, req: wire.CheckinRequest, address: str) -> wire.CheckinResponse:
-        if not wire.role_within(req.report.role, host.role_limit):
-            raise Refused(403, "role_refused",
-                          f"role {req.report.role!r} is beyond what this host's join token allows "
-                          f"({host.role_limit!r}): set a role within it in agent.toml")
-        was_ok = bool((host.report.get("libvirtd") or {}).get("ok"))
-        self.store.record_checkin(host, wire.to_json(req.report), address, time.time())
-        if req.report.libvirtd.ok != was_ok:
-            name = "libvirtd_up" if req.report.libvirtd.ok else "libvirtd_down"
+        if not self._checkins.allow(host.id):
+            raise rate_limited(self._checkins, host.id, "check-ins from this host")
+        report = req.report
+        was_ok, old_name = host.libvirtd_ok, host.hostname
+        host.take_report(report, json.dumps(wire.to_json(report)))
+        now = time.time()
+        self.store.record_checkin(host, address, now)
+        if report.hostname != old_name:
+            self.store.note(host.id, now, host.status, f"renamed from {old_name!r} to "
+                                                       f"{report.hostname!r} by its agent")
+        if report.libvirtd.ok != was_ok:
+            name = "libvirtd_up" if report.libvirtd.ok else "libvirtd_down"
             event(log, name, "host %s: agent reports libvirtd %s%s", host.hostname,
-                  "up" if req.report.libvirtd.ok else "down",
-                  "" if req.report.libvirtd.ok else f": {req.report.libvirtd.error}",
-                  host_id=host.id, reason=req.report.libvirtd.error)
-        # `host` is current (record_checkin carried the report into it): no re-reads.
+                  "up" if report.libvirtd.ok else "down",
+                  "" if report.libvirtd.ok else f": {report.libvirtd.error}",
+                  host_id=host.id, reason=report.libvirtd.error)
+        # `host` is current (the check-in was carried into it): no re-reads.
         self.status.refresh_host(host)
-        self.connections.host_changed(host.id, libvirtd_recovered=req.report.libvirtd.ok and not was_ok,
-                                      host=host)
+        self.links.host_changed(host.id, libvirtd_recovered=report.libvirtd.ok and not was_ok,
+                                host=host)
+        if not wire.role_within(report.role, host.role_limit):
+            raise Refused(403, "role_refused",
+                          f"role {report.role!r} is beyond what this host's join token allows "
+                          f"({host.role_limit!r}): set role = {host.role_limit!r} (or narrower) "
+                          "in /etc/virtfleet/agent.toml, or remove the setting")
         return wire.CheckinResponse(
-            host_id=host.id, status=host.status, detail=host.detail,
-            enabled=host.admin_state == "enabled", role=host.role,
-            checkin_interval=checkin_delay(host.id, time.time(), self.config.checkin_interval),
+            host_id=host.id, status=host.status, detail=self.public_detail(host),
+            enabled=host.admin_state == AdminState.ENABLED, role=host.role,
+            checkin_interval=checkin_delay(host.id, now, self.config.checkin_interval),
             # The host moved: its libvirtd certificate no longer names the address we dial.
             renew=host.libvirt_cert_address not in (None, address),
         )
 
+    def public_detail(self, host: Host) -> str:
+        """The status detail as the host itself may read it. Why the server cannot open
+        libvirt on it (refused, not TLS, another CA, no answer) would tell a hostile host
+        what listens on its address's ports: the operator reads that in `hosts show`."""
+        conn = self.link_states.get(host.id)
+        if host.status == Status.ERROR and conn is not None and conn.state == LinkState.ERROR \
+                and host.detail == conn.detail:
+            return (f"the server cannot open libvirt on this host; the operator sees why in "
+                    f"`virtfleet-server hosts show {host.id}`")
+        return host.detail
+
     def renew(self, host: Host, req: wire.RenewRequest, address: str) -> wire.Identity:
+        if not self._renewals.allow(host.id):
+            raise rate_limited(self._renewals, host.id, "renewals from this host")
         csr = self._csr(req.csr, "csr")
         libvirt_csr = self._csr(req.libvirt_csr, "libvirt_csr") if req.libvirt_csr else None
         identity, cert = self._issue(host.id, csr, libvirt_csr, address)
@@ -211,17 +271,21 @@ class Fleet:
             columns["libvirt_cert_serial"] = f"{lv.serial_number:x}"
             columns["libvirt_cert_not_after"] = pki.not_after(lv).timestamp()
             columns["libvirt_cert_address"] = address
+            columns["prev_libvirt_cert_serial"] = host.libvirt_cert_serial
         self.store.update_host(host.id, **columns)
+        if identity.libvirt_certificate:
+            keep = tuple(s for s in (columns["libvirt_cert_serial"], host.libvirt_cert_serial) if s)
+            self.store.revoke_libvirt_certs(host.id, keep, time.time())
         event(log, "certificate_renewed", "host %s: certificates renewed (identity until %s)",
               host.hostname, pki.not_after(cert).isoformat(timespec="seconds"), host_id=host.id)
         return identity
 
     # -- admin ----------------------------------------------------------------
 
-    def set_admin_state(self, host: Host, admin_state: str) -> None:
+    def set_admin_state(self, host: Host, admin_state: AdminState) -> None:
         self.store.update_host(host.id, admin_state=admin_state)
         log.info("host %s (%s) %s by an administrator", host.hostname, host.id, admin_state)
-        self.connections.host_changed(host.id)
+        self.links.host_changed(host.id)
         self.status.refresh(host.id)
 
     def set_role(self, host: Host, role: str) -> None:
@@ -229,15 +293,14 @@ class Fleet:
             raise Refused(400, "bad_request", f"role {role!r} is not one of {', '.join(wire.ROLES)}")
         self.store.update_host(host.id, role_override=role)
         log.info("host %s (%s): role set to %s by an administrator", host.hostname, host.id, role)
-        self.connections.reconnect(host.id)
+        self.links.reconnect(host.id)
         self.status.refresh(host.id)
 
     def forget(self, host: Host) -> None:
         """Remove the host: its identity certificates are refused from now on (no host has
         them), its libvirtd certificates revoked, its connection closed."""
         self.store.forget_host(host.id, time.time())
-        self.connections.publish_revocations()
-        self.connections.host_changed(host.id)
+        self.links.host_changed(host.id)
         log.warning("host %s (%s) forgotten by an administrator", host.hostname, host.id)
 
 
@@ -253,16 +316,8 @@ def checkin_delay(host_id: str, now: float, interval: float) -> float:
     return interval / 2 + (slot - earliest) % interval
 
 
-def libvirt_names(host_id: str, address: str) -> Names:
-    """Names a host's libvirtd certificate is valid for: the address the server sees the
-    host at (the one it will dial) and a name derived from the host id. Never a name the
-    host asks for: a host cannot obtain a certificate for another host's address."""
-    return Names(dns=(f"{host_id}.hosts.virtfleet",), ips=(address,) if address else ())
-
-
 def serial_of(peercert: dict[str, Any] | None) -> str | None:
     """Serial (lowercase hex) of a verified client certificate, as the store keeps it."""
     if not peercert or "serialNumber" not in peercert:
         return None
     return f"{int(peercert['serialNumber'], 16):x}"
-

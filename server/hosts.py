@@ -1,85 +1,104 @@
 """Host status: one pure rule that derives it, one place that records its changes.
 
-Status is never set directly by the HTTP handlers, the sweeper or the connection
-manager. Each tells `HostStatus` what it observed; `derive()` combines the admin's
-intent, check-in freshness, the agent's libvirtd report and the libvirt connection
-into (status, detail), and a change of either lands in the history with its time.
+Status is never set directly by the HTTP handlers, the sweeper or the link manager.
+Each tells `HostStatus` what it observed; `derive()` combines the admin's intent,
+check-in freshness, the agent's libvirtd report and the libvirt connection into
+(status, detail), and a change of either lands in the history with its time.
+`dial_blocker()` is the one readiness rule: why the server may not open the host's
+libvirt connection now (derive shows the same reason as the status).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from common import wire
 from common.logs import event
-from server.store import Host, Store
+from server.model import AdminState, Connection, Host, LinkState, Status
+from server.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
-PENDING, CONNECTING, ONLINE, ERROR, OFFLINE, DISABLED = (
-    "pending", "connecting", "online", "error", "offline", "disabled")
+SWEEP_BATCH = 500  # status changes per transaction; the event loop runs between batches
 
 
-@dataclass(frozen=True)
-class Connection:
-    """What the connection manager knows about one host's libvirt connection."""
+def _clock(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
-    state: str  # connecting | online | error
-    detail: str
+
+def dial_blocker(host: Host, silent: str | None) -> tuple[Status, str] | None:
+    """Why the server may not open (or keep trying to open) the host's libvirt connection,
+    as the status to show; None when it may. `silent`: the words for "no check-in within
+    the grace period", or None while the host checks in."""
+    if host.admin_state == AdminState.DISABLED:
+        return Status.DISABLED, "disabled by an administrator; its libvirt connection is closed"
+    if host.admin_state == AdminState.PENDING:
+        return Status.PENDING, f"enrolled; waiting for approval: virtfleet-server hosts enable {host.id}"
+    if silent is not None:
+        return Status.OFFLINE, silent
+    if not wire.role_within(host.configured_role, host.role_limit):
+        return Status.ERROR, (f"the agent asks for role {host.configured_role}, beyond what its "
+                              f"join token allows ({host.role_limit}); its check-ins are refused "
+                              f"until `role` in the host's agent.toml is within it")
+    libvirtd = host.report.libvirtd
+    if not libvirtd.ok:
+        return Status.ERROR, f"libvirtd is down on the host: {libvirtd.error or 'no answer'}"
+    if host.report.libvirt_endpoint is None:
+        return Status.CONNECTING, "waiting for the agent to report libvirtd's TLS endpoint"
+    return None
 
 
 def derive(host: Host, now: float, last_seen: float, grace: float,
-           conn: Connection | None) -> tuple[str, str]:
+           conn: Connection | None) -> tuple[Status, str]:
     """The status a host should show, and why, in words a person acts on."""
-    if host.admin_state == "disabled":
-        return DISABLED, "disabled by an administrator; its libvirt connection is closed"
-    if host.admin_state == "pending":
-        return PENDING, f"enrolled; waiting for approval: virtfleet-server hosts enable {host.id}"
+    silent = None
     if now - last_seen > grace:
-        return OFFLINE, (f"no check-in since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last_seen))}"
-                         f" (grace period {grace:g} s): is the agent running and can it "
-                         "reach the server?")
-    libvirtd = host.report.get("libvirtd") or {}
-    if not libvirtd.get("ok", False):
-        reason = libvirtd.get("error") or "no answer"
-        return ERROR, f"libvirtd is down on the host: {reason}"
-    if not host.report.get("libvirt_endpoint"):
-        return CONNECTING, "waiting for the agent to report libvirtd's TLS endpoint"
+        silent = (f"no check-in since {_clock(last_seen)} (grace period {grace:g} s): is the "
+                  "agent running and can it reach the server?")
+        if conn is not None and conn.state == LinkState.ONLINE and host.admin_state == AdminState.ENABLED:
+            # libvirt still answers (keepalive): desktops run and the engine can use the
+            # host; only the agent is silent.
+            return Status.ONLINE, (f"{conn.detail}; warning: the agent has not checked in since "
+                                   f"{_clock(last_seen)} (is virtfleet-agent running?)")
+    blocked = dial_blocker(host, silent)
+    if blocked is not None:
+        return blocked
     if conn is None:
-        return CONNECTING, "opening the libvirt connection"
-    return conn.state, conn.detail
-
-
-SWEEP_BATCH = 500  # status changes per transaction; the event loop runs between batches
+        return Status.CONNECTING, "opening the libvirt connection"
+    return Status(conn.state), conn.detail
 
 
 @dataclass(frozen=True)
 class Change:
     """A host's new status, and whether it goes into the history."""
 
-    status: str
+    status: Status
     detail: str
     since: float
     record: bool
 
 
 class HostStatus:
-    def __init__(self, store: Store, grace: float,
-                 connection_of: Callable[[str], Connection | None]) -> None:
+    """Re-derives and records hosts' status. `links`: each host's connection state, as the
+    link manager keeps it (read here, written there)."""
+
+    def __init__(self, store: Store, grace: float, links: Mapping[str, Connection]) -> None:
         self.store = store
         self.grace = grace
-        self.connection_of = connection_of
+        self.links = links
         # A restart is not the hosts' fault: they get a full grace period from it.
         self.started_at = time.time()
+        # What was last logged per host: a retry loop failing the same way is one line.
+        self._logged: dict[str, tuple[str, str]] = {}
 
     def last_seen(self, host: Host) -> float:
         seen = host.last_checkin or host.enrolled_at
         # A host already offline before a restart stays offline until it checks in.
-        return seen if host.status == OFFLINE else max(seen, self.started_at)
+        return seen if host.status == Status.OFFLINE else max(seen, self.started_at)
 
     def refresh(self, host_id: str) -> Host | None:
         """Re-derive one host's status from the store; returns the fresh row."""
@@ -93,11 +112,11 @@ class HostStatus:
         if change is None:
             return host
         try:
-            self.store.set_status(host.id, change.status, change.detail, change.since,
-                                  record=change.record)
-        except sqlite3.Error as exc:
+            self.store.set_statuses([(host.id, change.status, change.detail, change.since,
+                                      change.record)])
+        except StoreError as exc:
             # The store is full or read-only: the change is kept in no history, but the
-            # callers (check-in, connection manager) must carry on; it is re-derived later.
+            # callers (check-in, link manager) must carry on; it is re-derived later.
             log.error("cannot record status %s for host %s: %s", change.status, host.id, exc)
             return host
         self._announce(host, change)
@@ -105,17 +124,23 @@ class HostStatus:
 
     def _change(self, host: Host, now: float) -> Change | None:
         status, detail = derive(host, now, self.last_seen(host), self.grace,
-                                self.connection_of(host.id))
+                                self.links.get(host.id))
         if (status, detail) == (host.status, host.detail):
             return None
-        # A new status, or a new reason for an error, is history; a progress note is not.
-        transition = status != host.status or status == ERROR
-        return Change(status, detail, now if transition else host.status_since, transition)
+        # A new status, or a new reason for an error, is history; a progress note is not,
+        # and neither is a retry's "connecting" after an error (the retry counts on the
+        # error's row when it fails the same way again).
+        retry = host.status == Status.ERROR and status == Status.CONNECTING
+        transition = (status != host.status or status == Status.ERROR) and not retry
+        return Change(status, detail, now if status != host.status else host.status_since,
+                      transition)
 
     def _announce(self, host: Host, change: Change) -> None:
         """Log a recorded change and carry it into the row the caller holds."""
-        if change.record:
-            level = logging.WARNING if change.status in (ERROR, OFFLINE) else logging.INFO
+        said = (change.status, change.detail)
+        if change.record and self._logged.get(host.id) != said:
+            self._logged[host.id] = said
+            level = logging.WARNING if change.status in (Status.ERROR, Status.OFFLINE) else logging.INFO
             event(log, "status_changed", "host %s (%s): %s -> %s: %s", host.hostname, host.id,
                   host.status, change.status, change.detail, level=level, host_id=host.id,
                   status=change.status, reason=change.detail)

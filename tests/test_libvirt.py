@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 import time
 from collections.abc import Callable
@@ -151,25 +152,36 @@ def test_forget_closes_the_connection(server: Server, libvirtd: Libvirtd,
     assert server.hosts() == []
 
 
-def test_forgotten_host_certificates_are_accepted_nowhere(server: Server, libvirtd: Libvirtd,
-                                                          make_agent: MakeAgent,
-                                                          capfd: pytest.CaptureFixture[str]) -> None:
+def test_forgotten_host_identity_is_refused(server: Server, libvirtd: Libvirtd,
+                                            make_agent: MakeAgent) -> None:
     agent = make_agent("hv-revoked", libvirtd)
     host_id = online_host(server, agent, libvirtd)
-    # The server's own libvirt client, dialling the libvirtd that still serves the forgotten
-    # host's certificate: accepted before, refused after.
-    uri = f"qemu+tls://127.0.0.1:{libvirtd.tls_port}/system?pkipath={server.state / 'libvirt-client'}"
-    libvirt_events.start()
-    libvirt.open(uri).close()
     server.admin("hosts", "forget", host_id)
     agent.stop()
-    with pytest.raises(libvirt.libvirtError, match="Failed to verify peer's certificate"):
-        libvirt.open(uri)
-    assert "The certificate has been revoked" in capfd.readouterr().err  # libvirt's own log
     # Its identity certificate can neither check in nor renew.
     for path in (wire.CHECKIN_PATH, wire.RENEW_PATH):
         status, body = post(server, path, b"{}", cert=agent.state / "identity.pem")
         assert status == 403 and "not enrolled here" in body["message"], (path, body)
+
+
+def test_a_host_pointing_the_server_at_another_hosts_libvirtd_gets_no_connection(
+        server: Server, libvirtd: Libvirtd, make_agent: MakeAgent) -> None:
+    victim = make_agent("hv-victim", libvirtd)
+    online_host(server, victim, libvirtd)
+    # The attacker: enrolled with no libvirtd of its own, checking in from the same
+    # address (NAT) and naming the victim's TLS port as its own.
+    attacker = make_agent("hv-attacker", None)
+    assert attacker.join(server.token()).returncode == 0
+    report = {"hostname": "hv-attacker", "role": "disk_operations", "agent_version": "x",
+              "libvirtd": {"ok": True}, "libvirt_endpoint": {"host": "x", "port": libvirtd.tls_port}}
+    status, _ = post(server, wire.CHECKIN_PATH, json.dumps({"report": report}).encode(),
+                     cert=attacker.state / "identity.pem")
+    assert status == 200
+    host = wait_for(lambda: (h := server.host(attacker.host_id()))["status"] == "error" and h, 15,
+                    "the attacker's host to be refused")
+    assert "another host's libvirtd certificate" in host["detail"], host["detail"]
+    assert host["connection"]["state"] == "error"
+    assert tls_clients(libvirtd) == 1  # only the victim's own connection
 
 
 def _pkipath(directory: Path, ca_pem: str, cert_pem: str, key_pem: bytes) -> str:

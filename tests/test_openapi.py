@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from openapi_spec_validator import validate
 
 from common import wire
-from server import openapi
-from server.app import create_app
 from server.config import ServerConfig
-from server.fleet import Fleet
+from server.doors import openapi
+from server.doors.agent_api import create_app
+from server.main import build
 
 URL = "https://vdi.example:8443"
 BODIES = {wire.ENROLL_PATH: wire.EnrollRequest, wire.CHECKIN_PATH: wire.CheckinRequest,
@@ -36,11 +36,11 @@ def test_the_document_is_valid_openapi(document: dict[str, Any]) -> None:
 
 
 def test_every_route_the_app_serves_is_described(tmp_path: Path, document: dict[str, Any]) -> None:
-    fleet = Fleet(ServerConfig(state_dir=tmp_path / "server"))
+    parts = build(ServerConfig(state_dir=tmp_path / "server"))
     try:
-        app = create_app(fleet)
+        app = create_app(parts.fleet)
     finally:
-        fleet.close()
+        parts.close()
     served = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.resource}
     described = {(m, p) for p, ops in document["paths"].items() for m in ops}
     # aiohttp answers HEAD wherever it answers GET: HTTP's own rule, not an operation of ours.

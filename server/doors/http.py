@@ -1,15 +1,15 @@
-"""HTTP pieces both APIs share: where the Fleet hangs on the app, and error rendering."""
+"""HTTP pieces every door shares: where the domain hangs on the app, and error rendering."""
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from common import wire
 from server.fleet import Fleet, Refused
+from server.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         # A 405 must say which methods the path has (RFC 9110); keep aiohttp's Allow.
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, allow)
-    except sqlite3.OperationalError as exc:
+    except StoreUnavailable as exc:
         log.error("state store failed on %s %s: %s", request.method, request.path, exc)
         return error_response(503, "store_unavailable",
                               f"the server cannot write its state ({exc}); try again later")

@@ -10,22 +10,31 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from common import wire
+from server.doors.http import FLEET, errors_middleware, fleet_of
 from server.fleet import Fleet, Refused
-from server.http import FLEET, errors_middleware, fleet_of
-from server.store import Host, Token
+from server.model import AdminState, Host, Token
 
 MAX_TTL = 7 * 24 * 3600
 MAX_USES = 100_000
 
 
-def create_admin_app(fleet: Fleet) -> web.Application:
+LINKS = "virtfleet.links"
+MIN_PREFIX = 2  # characters of an id that may stand for it
+
+
+class LinkView(Protocol):
+    def describe(self, host_id: str) -> dict[str, Any]: ...
+
+
+def create_admin_app(fleet: Fleet, links: LinkView) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024)
     app[FLEET] = fleet
+    app[LINKS] = links
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/tokens", list_tokens)
     app.router.add_post("/v1/tokens", create_token)
@@ -95,45 +104,65 @@ async def create_token(request: web.Request) -> web.Response:
     return web.json_response({
         "join": created.join,
         "command": f"virtfleet-agent join '{created.join}'",
-        "token": token_view(created.record),
+        "token": token_view(created.record, []),
     })
 
 
 async def list_tokens(request: web.Request) -> web.Response:
-    return web.json_response([token_view(t) for t in fleet_of(request).store.list_tokens()])
+    store = fleet_of(request).store
+    used_by = store.token_hosts()
+    return web.json_response([token_view(t, used_by.get(t.jti, [])) for t in store.list_tokens()])
 
 
 async def revoke_token(request: web.Request) -> web.Response:
-    token = fleet_of(request).store.revoke_token(request.match_info["jti"], time.time())
-    if token is None:
-        raise Refused(404, "not_found", f"no token {request.match_info['jti']!r}")
-    return web.json_response(token_view(token))
+    store = fleet_of(request).store
+    ref = request.match_info["jti"]
+    jti = unique_match(ref, [t.jti for t in store.list_tokens()], "token",
+                       "virtfleet-server token list")
+    token = store.revoke_token(jti, time.time())
+    assert token is not None
+    return web.json_response(token_view(token, store.token_hosts().get(jti, [])))
 
 
-def token_view(token: Token) -> dict[str, Any]:
+def unique_match(ref: str, ids: list[str], what: str, listing: str) -> str:
+    """The one id that `ref` is, or starts with (at least MIN_PREFIX characters)."""
+    if ref in ids:
+        return ref
+    matches = [i for i in ids if len(ref) >= MIN_PREFIX and i.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise Refused(409, "ambiguous", f"{ref!r} is the start of several {what} ids "
+                                        f"({', '.join(matches[:10])}): give more of it")
+    raise Refused(404, "not_found", f"no {what} {ref!r} (see `{listing}`)")
+
+
+def token_view(token: Token, hosts: list[str]) -> dict[str, Any]:
     return {
         "id": token.jti, "role": token.role, "auto_enable": token.auto_enable,
         "uses": token.uses, "max_uses": token.max_uses, "created_at": token.created_at,
         "expires_at": token.expires_at, "revoked_at": token.revoked_at,
         "state": token.state(time.time()), "description": token.description,
+        "hosts": hosts,
     }
 
 
 def resolve_host(fleet: Fleet, ref: str) -> Host:
-    """A host by id, unique id prefix (4+ characters) or unique hostname."""
-    host = fleet.store.get_host(ref)
-    if host is not None:
-        return host
+    """A host by id or unique id prefix first, then by unique hostname: a host cannot name
+    itself after another's id and be the one acted on."""
     hosts = fleet.store.list_hosts()
-    matches = [h for h in hosts if h.hostname == ref]
-    if not matches and len(ref) >= 4:
-        matches = [h for h in hosts if h.id.startswith(ref)]
+    by_id = [h for h in hosts if h.id == ref] or [
+        h for h in hosts if len(ref) >= MIN_PREFIX and h.id.startswith(ref)]
+    matches = by_id or [h for h in hosts if h.hostname == ref]
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise Refused(404, "not_found", f"no host {ref!r} (see `virtfleet-server hosts list`)")
-    ids = ", ".join(h.id for h in matches)
-    raise Refused(409, "ambiguous", f"{ref!r} matches several hosts ({ids}): use the id")
+        raise Refused(404, "not_found", f"no host {ref!r}: give an id, a unique id prefix "
+                                        f"({MIN_PREFIX}+ characters) or a hostname "
+                                        "(see `virtfleet-server hosts list`)")
+    ids = ", ".join(h.id for h in matches[:10])
+    kind = "the start of several host ids" if by_id else "the hostname of several hosts"
+    raise Refused(409, "ambiguous", f"{ref!r} is {kind} ({ids}): use the id")
 
 
 async def list_hosts(request: web.Request) -> web.Response:
@@ -143,7 +172,7 @@ async def list_hosts(request: web.Request) -> web.Response:
 async def show_host(request: web.Request) -> web.Response:
     fleet = fleet_of(request)
     host = resolve_host(fleet, request.match_info["ref"])
-    return web.json_response(host_detail(fleet, host))
+    return web.json_response(host_detail(request, host))
 
 
 async def host_action(request: web.Request) -> web.Response:
@@ -157,10 +186,10 @@ async def host_action(request: web.Request) -> web.Response:
         body = await _body(request)
         fleet.set_role(host, _field(body, "role", str, ""))
     else:
-        fleet.set_admin_state(host, "enabled" if action == "enable" else "disabled")
+        fleet.set_admin_state(host, AdminState.ENABLED if action == "enable" else AdminState.DISABLED)
     fresh = fleet.store.get_host(host.id)
     assert fresh is not None
-    return web.json_response(host_detail(fleet, fresh))
+    return web.json_response(host_detail(request, fresh))
 
 
 def host_summary(host: Host) -> dict[str, Any]:
@@ -170,7 +199,9 @@ def host_summary(host: Host) -> dict[str, Any]:
     }
 
 
-def host_detail(fleet: Fleet, host: Host) -> dict[str, Any]:
+def host_detail(request: web.Request, host: Host) -> dict[str, Any]:
+    fleet = fleet_of(request)
+    links: LinkView = request.app[LINKS]
     return host_summary(host) | {
         "admin_state": host.admin_state,
         "role_source": host.role_source,
@@ -183,10 +214,11 @@ def host_detail(fleet: Fleet, host: Host) -> dict[str, Any]:
         "agent_version": host.agent_version,
         "certificate_expires": host.cert_not_after,
         "libvirt_certificate_expires": host.libvirt_cert_not_after,
-        "report": host.report,
-        "connection": fleet.connections.describe(host.id),
+        "report": wire.to_json(host.report),
+        "connection": links.describe(host.id),
         "history": [
-            {"at": e.at, "status": e.status, "detail": e.detail}
+            {"at": e.at, "status": e.status, "detail": e.detail, "tries": e.tries,
+             "last_at": e.last_at}
             for e in fleet.store.history(host.id)
         ],
     }

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from common import VERSION, wire
-from server.http import fleet_of
+from server.doors.http import fleet_of
 
 OPENAPI_VERSION = "3.1.0"
 MTLS = "agentCertificate"
@@ -42,7 +42,8 @@ REFUSALS = {
     401: "no client certificate (mTLS) was presented",
     403: "refused: join token, role, or a certificate no host has (forgotten or replaced)",
     413: f"the body is larger than {wire.MAX_BODY_BYTES} bytes",
-    429: "too many enrollments from this address; the Retry-After header says when to retry",
+    429: "too many requests (enrollments from this address, check-ins or renewals from this "
+         "host); the Retry-After header says when to retry",
     503: "the server cannot write its state (disk full or read-only); try again later",
 }
 _WRITES = (400, 413, 503)
@@ -54,9 +55,9 @@ OPERATIONS = (
               wire.EnrollResponse, wire.EnrollRequest, refusals=(*_WRITES, 403, 429)),
     Operation("post", wire.CHECKIN_PATH, "Report the host's state; the answer carries the "
               "desired state", wire.CheckinResponse, wire.CheckinRequest, mtls=True,
-              refusals=(*_WRITES, 401, 403)),
+              refusals=(*_WRITES, 401, 403, 429)),
     Operation("post", wire.RENEW_PATH, "Renew the host's certificates", wire.Identity,
-              wire.RenewRequest, mtls=True, refusals=(*_WRITES, 401, 403)),
+              wire.RenewRequest, mtls=True, refusals=(*_WRITES, 401, 403, 429)),
     Operation("get", wire.OPENAPI_PATH, "This description of the agent API", None),
 )
 

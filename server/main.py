@@ -1,0 +1,226 @@
+"""The server process: builds its parts, starts and supervises every background task,
+serves until SIGTERM or SIGINT, then shuts down cleanly.
+
+A background task that dies unexpectedly ends the process with a non-zero status (and
+the task's name and error in the log), so systemd restarts it: a server whose offline
+sweep or check-in writer is gone would go on answering while its state rots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from common import notify
+from server import memory
+from server.ca import CertificateAuthority
+from server.config import ServerConfig
+from server.doors import admin_api, agent_api
+from server.fleet import Fleet
+from server.hosts import HostStatus
+from server.links.manager import LinkManager
+from server.links.opener import LibvirtOpener
+from server.links.pki import CLIENT_DN, dial_context, ensure_client_identity
+from server.model import Connection
+from server.store import CHECKIN_FLUSH, Store, StoreError, open_store
+from server.tls import ensure_server_cert, limit_tls_buffers, server_context, server_names
+from server.tokens import TokenSigner, load_or_create_signing_key
+
+log = logging.getLogger(__name__)
+
+# The watchdog is pinged only while the sweep keeps finishing: a stalled loop or a hung
+# store stops the pings and systemd restarts the server.
+SWEEP_STALE = 30.0
+
+
+@dataclass
+class Parts:
+    config: ServerConfig
+    store: Store
+    fleet: Fleet
+    status: HostStatus
+    links: LinkManager
+    opener: LibvirtOpener
+
+    def close(self) -> None:
+        self.opener.stop()
+        self.store.close()
+
+
+def build(config: ServerConfig) -> Parts:
+    """Every part, each handed what it needs; nothing holds the whole."""
+    state = config.state_dir
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state.chmod(0o700)
+    identity_ca = CertificateAuthority.load_or_create(state / "identity", "virtfleet identity CA")
+    libvirt_ca = CertificateAuthority.load_or_create(state / "libvirt", "virtfleet libvirt CA")
+    signer = TokenSigner(load_or_create_signing_key(state / "token-signing.key"))
+    store = open_store(state)
+    key, cert = ensure_client_identity(libvirt_ca, state / "libvirt-client")
+    (state / "libvirt-client" / "cacrl.pem").unlink(missing_ok=True)  # older servers' CRL
+    states: dict[str, Connection] = {}
+    status = HostStatus(store, config.grace, states)
+    opener = LibvirtOpener(dial_context(libvirt_ca, key, cert))
+    links = LinkManager(opener, store.get_host, states, on_change=status.refresh,
+                        on_served=functools.partial(retire_previous_libvirt_cert, store))
+    fleet = Fleet(config, store, identity_ca, libvirt_ca, signer, status, links, states, CLIENT_DN)
+    return Parts(config, store, fleet, status, links, opener)
+
+
+def retire_previous_libvirt_cert(store: Store, host_id: str, serial: str) -> None:
+    """A link opened with this libvirtd certificate: once the renewed one is served, the
+    one before it is accepted no more."""
+    host = store.get_host(host_id)
+    if host is None or not host.prev_libvirt_cert_serial or serial != host.libvirt_cert_serial:
+        return
+    store.update_host(host_id, prev_libvirt_cert_serial=None)
+    store.revoke_libvirt_certs(host_id, (serial,), time.time())
+
+
+class Supervisor:
+    """Owns the background tasks: `failed` is set when one ends by itself."""
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task[None]] = []
+        self.failed = asyncio.Event()
+
+    def start(self, name: str, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(work(), name=name)
+        task.add_done_callback(self._ended)
+        self.tasks.append(task)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        log.critical("background task %s stopped: %s; exiting so the service restarts",
+                     task.get_name(), repr(error) if error else "it returned",
+                     exc_info=error)
+        self.failed.set()
+
+    def healthy(self) -> bool:
+        return not self.failed.is_set() and all(not t.done() for t in self.tasks)
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.remove_done_callback(self._ended)
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class Loops:
+    """The server's own background work, each loop small and apart."""
+
+    def __init__(self, parts: Parts, supervisor: Supervisor) -> None:
+        self.parts = parts
+        self.supervisor = supervisor
+        self.swept_at = time.monotonic()
+
+    async def sweep_forever(self) -> None:
+        interval = min(1.0, self.parts.config.grace / 4)
+        shown = ""
+        while True:
+            try:
+                await self.parts.status.sweep()
+                self.swept_at = time.monotonic()
+                summary = status_line(self.parts.config.url, self.parts.store.status_counts())
+                if summary != shown:
+                    notify.status(summary)
+                    shown = summary
+            except StoreError as exc:
+                log.error("offline sweep failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def write_checkins_forever(self) -> None:
+        """Queued check-ins to disk (Store.record_checkin); a failure is logged once, not
+        ten times a second, and retried."""
+        failing = False
+        while True:
+            await asyncio.sleep(CHECKIN_FLUSH)
+            try:
+                self.parts.store.flush_checkins()
+            except StoreError as exc:
+                if not failing:
+                    log.error("cannot write check-ins: %s (retrying)", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("check-ins are written again")
+                failing = False
+
+    async def watchdog_forever(self) -> None:
+        interval = notify.watchdog_interval() or 5.0
+        while True:
+            if self.supervisor.healthy() and time.monotonic() - self.swept_at < SWEEP_STALE:
+                notify.watchdog()
+            await asyncio.sleep(interval)
+
+
+def status_line(url: str, counts: dict[str, int]) -> str:
+    """The STATUS= line: e.g. "serving https://vdi:8443; 3 hosts: 2 online, 1 error"."""
+    hosts = sum(counts.values())
+    by_status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return f"serving {url}; {hosts} host{'' if hosts == 1 else 's'}" + (f": {by_status}" if hosts else "")
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM or SIGINT (0), or until a background task dies (1)."""
+    limit_tls_buffers()
+    parts = build(config)
+    memory.tune_garbage_collector()
+    key, cert = ensure_server_cert(parts.fleet.identity_ca, config.state_dir / "tls",
+                                   server_names(config.url, config.listen_host))
+    agent_runner = web.AppRunner(agent_api.create_app(parts.fleet), access_log=None)
+    admin_runner = web.AppRunner(admin_api.create_admin_app(parts.fleet, parts.links),
+                                 access_log=None)
+    supervisor = Supervisor()
+    loops = Loops(parts, supervisor)
+    await agent_runner.setup()
+    await admin_runner.setup()
+    try:
+        parts.links.start(parts.store.list_hosts())
+        supervisor.start("offline-sweeper", loops.sweep_forever)
+        supervisor.start("checkin-writer", loops.write_checkins_forever)
+        supervisor.start("garbage-collector", memory.collect_garbage_forever)
+        supervisor.start("watchdog", loops.watchdog_forever)
+        await web.TCPSite(agent_runner, config.listen_host, config.listen_port,
+                          ssl_context=server_context(key, cert, parts.fleet.identity_ca),
+                          backlog=1024).start()
+        await admin_api.start_socket(admin_runner, config.admin_socket)
+        log.info("virtfleet-server listening on %s:%d (join URL %s), admin socket %s",
+                 config.listen_host, config.listen_port, config.url, config.admin_socket)
+        notify.ready(f"serving {config.url}")
+        failed = await _until_stopped(supervisor)
+        log.info("shutting down")
+        notify.stopping()
+    finally:
+        await supervisor.stop()
+        await admin_runner.cleanup()
+        await agent_runner.cleanup()
+        await parts.links.stop()
+        parts.close()
+    return 1 if failed else 0
+
+
+async def _until_stopped(supervisor: Supervisor) -> bool:
+    """Wait for SIGTERM/SIGINT (False) or a dead background task (True)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(supervisor.failed.wait())]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.gather(*waiters, return_exceptions=True)
+    return supervisor.failed.is_set()

@@ -1,0 +1,151 @@
+"""What the server knows about hosts and tokens: plain data, shared by every part.
+
+States are enums (`StrEnum`: they are stored, compared and sent as their plain names).
+A host's report is kept as the JSON text the agent sent and parsed into the typed
+`wire.Report` only when something reads it: a check-in carries a fresh typed report,
+and the hot path never re-parses the stored one.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from dataclasses import dataclass, field
+
+from common import wire
+
+log = logging.getLogger(__name__)
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    CONNECTING = "connecting"
+    ONLINE = "online"
+    ERROR = "error"
+    OFFLINE = "offline"
+    DISABLED = "disabled"
+
+
+class AdminState(enum.StrEnum):
+    PENDING = "pending"
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+
+
+class LinkState(enum.StrEnum):
+    CONNECTING = "connecting"
+    ONLINE = "online"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What the link manager knows about one host's libvirt connection."""
+
+    state: LinkState
+    detail: str
+
+
+@dataclass
+class Token:
+    jti: str
+    role: str
+    auto_enable: bool
+    max_uses: int
+    uses: int
+    created_at: float
+    expires_at: float
+    revoked_at: float | None
+    description: str
+
+    def state(self, now: float) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at <= now:
+            return "expired"
+        if self.uses >= self.max_uses:
+            return "used"
+        return "valid"
+
+
+def parse_report(text: str) -> wire.Report:
+    """A stored report (validated when it arrived) as typed data. One that no longer
+    parses (written by another version) reads as "libvirtd unknown": the next check-in
+    replaces it."""
+    try:
+        return wire.parse(wire.Report, json.loads(text))
+    except (ValueError, wire.WireError) as exc:
+        log.warning("a stored host report cannot be read (%s): treated as empty", exc)
+        return wire.Report(hostname="", role="mixed", agent_version="",
+                           libvirtd=wire.LibvirtdHealth(ok=False, error="no report yet"))
+
+
+@dataclass
+class Host:
+    id: str
+    hostname: str
+    admin_state: AdminState
+    configured_role: str
+    role_override: str | None
+    role_limit: str
+    status: Status
+    detail: str
+    status_since: float
+    enrolled_at: float
+    last_checkin: float | None
+    address: str
+    agent_version: str
+    report_text: str = "{}"  # the agent's last report, as JSON text
+    token_jti: str = ""
+    cert_serial: str = ""
+    cert_not_after: float = 0.0
+    prev_cert_serial: str | None = None
+    libvirt_cert_serial: str | None = None
+    libvirt_cert_not_after: float | None = None
+    libvirt_cert_address: str | None = None
+    # The libvirtd certificate before the last renewal: accepted until the host's
+    # libvirtd is first seen serving the new one.
+    prev_libvirt_cert_serial: str | None = None
+    libvirtd_ok: bool = False  # what the last report said, kept apart to skip parsing it
+    _report: wire.Report | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.admin_state = AdminState(self.admin_state)
+        self.status = Status(self.status)
+        self.libvirtd_ok = bool(self.libvirtd_ok)
+
+    @property
+    def report(self) -> wire.Report:
+        if self._report is None:
+            self._report = parse_report(self.report_text)
+        return self._report
+
+    def take_report(self, report: wire.Report, text: str) -> None:
+        """A check-in's report, typed and as the text that will be stored."""
+        self._report, self.report_text = report, text
+        self.libvirtd_ok = report.libvirtd.ok
+        self.hostname, self.configured_role = report.hostname, report.role
+        self.agent_version = report.agent_version
+
+    @property
+    def role(self) -> str:
+        return self.role_override or self.configured_role
+
+    @property
+    def role_source(self) -> str:
+        return "admin override" if self.role_override else "host configuration"
+
+    @property
+    def libvirt_serials(self) -> tuple[str, ...]:
+        """The libvirtd certificates the server accepts from this host right now."""
+        return tuple(s for s in (self.libvirt_cert_serial, self.prev_libvirt_cert_serial) if s)
+
+
+@dataclass
+class HistoryEntry:
+    at: float
+    status: str
+    detail: str
+    tries: int = 1  # the same status and reason seen again (a retry loop) counts here
+    last_at: float | None = None

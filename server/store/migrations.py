@@ -1,0 +1,87 @@
+"""Schema migrations, forward only: the store runs those past its recorded version.
+
+Each entry is one migration's statements; its index + 1 is the schema version it makes.
+"""
+
+SQLITE_MIGRATIONS = [
+    # 1: tokens, hosts, history
+    """
+    CREATE TABLE tokens (
+        jti TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        auto_enable INTEGER NOT NULL,
+        max_uses INTEGER NOT NULL,
+        uses INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        revoked_at REAL,
+        description TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE hosts (
+        id TEXT PRIMARY KEY,
+        hostname TEXT NOT NULL,
+        admin_state TEXT NOT NULL,          -- pending | enabled | disabled
+        configured_role TEXT NOT NULL,      -- what the agent reports
+        role_override TEXT,                 -- set by an admin, wins when present
+        role_limit TEXT NOT NULL,           -- the widest role its join token allowed
+        status TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        status_since REAL NOT NULL,
+        enrolled_at REAL NOT NULL,
+        last_checkin REAL,
+        address TEXT NOT NULL DEFAULT '',
+        agent_version TEXT NOT NULL DEFAULT '',
+        report TEXT NOT NULL DEFAULT '{}',
+        token_jti TEXT NOT NULL,
+        cert_serial TEXT NOT NULL,
+        cert_not_after REAL NOT NULL,
+        prev_cert_serial TEXT,              -- accepted until the renewed one is first used
+        libvirt_cert_serial TEXT,
+        libvirt_cert_not_after REAL,
+        libvirt_cert_address TEXT          -- the address its libvirtd certificate names
+    );
+    CREATE UNIQUE INDEX hosts_cert_serial ON hosts(cert_serial);
+    CREATE TABLE host_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        host_id TEXT NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        at REAL NOT NULL,
+        status TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX host_events_host ON host_events(host_id, seq);
+    """,
+    # 2: every libvirtd certificate issued, so that forgetting a host can revoke all of
+    # them (a renewed host still holds its older, unexpired ones).
+    """
+    CREATE TABLE libvirt_certs (
+        serial TEXT PRIMARY KEY,
+        host_id TEXT NOT NULL,
+        not_after REAL NOT NULL,
+        revoked_at REAL
+    );
+    INSERT INTO libvirt_certs(serial, host_id, not_after)
+        SELECT libvirt_cert_serial, id, libvirt_cert_not_after FROM hosts
+        WHERE libvirt_cert_serial IS NOT NULL;
+    """,
+    # 3: every check-in looks its host up by certificate serial, the current or the
+    # previous one: without this index that was a scan of all hosts (profiled: 40 % of
+    # the server's time with 3,000 hosts).
+    """
+    CREATE INDEX hosts_prev_cert_serial ON hosts(prev_cert_serial);
+    """,
+    # 4: the offline sweep and the status counts, every second, read only this covering
+    # index instead of every host's row with its report (22 ms -> 6 ms at 10,000 hosts).
+    """
+    CREATE INDEX hosts_liveness ON hosts(admin_state, status, last_checkin, enrolled_at, id);
+    """,
+    # 5: the server checks each libvirtd certificate itself (the previous one is accepted
+    # until the renewed one is served); whether libvirtd answered is kept apart so a
+    # check-in need not parse the stored report; a history row counts its repeats.
+    """
+    ALTER TABLE hosts ADD COLUMN prev_libvirt_cert_serial TEXT;
+    ALTER TABLE hosts ADD COLUMN libvirtd_ok INTEGER NOT NULL DEFAULT 0;
+    UPDATE hosts SET libvirtd_ok = COALESCE(json_extract(report, '$.libvirtd.ok'), 0);
+    ALTER TABLE host_events ADD COLUMN tries INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE host_events ADD COLUMN last_at REAL;
+    """,
+]

@@ -1,0 +1,324 @@
+"""SQLite store: tokens, hosts, and each host's status history (one server's default).
+
+WAL mode, a schema version in `PRAGMA user_version` with forward-only migrations, and
+every multi-row change in one transaction, so a crash leaves the old state or the new
+one. The server is the only writer; admin commands go through its socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from server.model import HistoryEntry, Host, Token
+from server.store import StatusChange, StoreError, StoreUnavailable
+from server.store.migrations import SQLITE_MIGRATIONS
+
+log = logging.getLogger(__name__)
+
+# What the offline sweep reads every second (from the hosts_liveness index alone).
+SWEEP_SQL = ("SELECT id FROM hosts WHERE admin_state='enabled' AND CASE WHEN status='offline' "
+             "THEN COALESCE(last_checkin, enrolled_at) >= ? "
+             "ELSE MAX(COALESCE(last_checkin, enrolled_at), ?) < ? END")
+COUNTS_SQL = "SELECT status, COUNT(*) FROM hosts GROUP BY status"
+
+CHECKIN_BATCH = 2000  # queued check-ins that are written at once, whatever the time
+HISTORY_KEEP = 200  # rows kept per host: the oldest go first
+# A host whose status keeps changing (a flood of new error texts) gets at most
+# HISTORY_BURST new rows per HISTORY_WINDOW seconds; past that, a change to the same
+# status updates the last row (its reason, one more try) instead of adding one.
+HISTORY_BURST, HISTORY_WINDOW = 6, 60.0
+
+# Host fields and the columns that store them.
+_HOST_COLUMNS = {f.name: ("report" if f.name == "report_text" else f.name)
+                 for f in fields(Host) if not f.name.startswith("_")}
+_UPDATABLE = {"admin_state", "role_override", "cert_serial", "cert_not_after",
+              "prev_cert_serial", "libvirt_cert_serial", "libvirt_cert_not_after",
+              "libvirt_cert_address", "prev_libvirt_cert_serial"}
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before the caller hears "done" (a token, an enrollment,
+        # an admin change must survive a crash or a disk turning read-only). Check-ins opt
+        # out (flush_checkins).
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+        # Check-ins written behind (record_checkin): host id -> its UPDATE's values.
+        self._checkins: dict[str, tuple[Any, ...]] = {}
+        self._write_error: StoreError | None = None
+
+    def close(self) -> None:
+        try:
+            self.flush_checkins()
+        except StoreError as exc:
+            log.error("the last check-ins could not be written: %s", exc)
+        self.db.close()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(SQLITE_MIGRATIONS):
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this server "
+                f"knows ({len(SQLITE_MIGRATIONS)}): upgrade virtfleet-server")
+        for number, script in enumerate(SQLITE_MIGRATIONS[version:], start=version + 1):
+            with self.transaction():
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version={number}")
+            log.info("store %s migrated to schema version %d", self.path, number)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:  # a COMMIT refused by a full disk leaves it open
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"the state store {self.path} cannot be written: {exc}") from exc
+
+    # -- tokens ------------------------------------------------------------
+
+    def add_token(self, token: Token) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO tokens VALUES (?,?,?,?,?,?,?,?,?)",
+                       (token.jti, token.role, token.auto_enable, token.max_uses, token.uses,
+                        token.created_at, token.expires_at, token.revoked_at, token.description))
+
+    def get_token(self, jti: str) -> Token | None:
+        row = self.db.execute("SELECT * FROM tokens WHERE jti=?", (jti,)).fetchone()
+        return _token(row) if row else None
+
+    def list_tokens(self) -> list[Token]:
+        rows = self.db.execute("SELECT * FROM tokens ORDER BY created_at").fetchall()
+        return [_token(r) for r in rows]
+
+    def revoke_token(self, jti: str, now: float) -> Token | None:
+        with self.transaction() as db:
+            db.execute("UPDATE tokens SET revoked_at=? WHERE jti=? AND revoked_at IS NULL",
+                       (now, jti))
+        return self.get_token(jti)
+
+    def token_hosts(self) -> dict[str, list[str]]:
+        """Token id -> ids of the hosts (still known) that joined with it."""
+        out: dict[str, list[str]] = {}
+        for row in self.db.execute("SELECT token_jti, id FROM hosts ORDER BY enrolled_at"):
+            out.setdefault(row[0], []).append(row[1])
+        return out
+
+    # -- hosts -------------------------------------------------------------
+
+    def enroll(self, host: Host, now: float) -> None:
+        """Use the host's token once and add the host, in one transaction. A host that
+        exists already (joined again) is updated in place: its history stays.
+
+        The conditional UPDATE is what makes a single-use token single-use: of two
+        concurrent enrollments only one finds `uses < max_uses` still true."""
+        columns = ", ".join(_HOST_COLUMNS.values())
+        marks = ", ".join("?" * len(_HOST_COLUMNS))
+        updates = ", ".join(f"{c}=excluded.{c}" for c in _HOST_COLUMNS.values() if c != "id")
+        with self.transaction() as db:
+            used = db.execute(
+                "UPDATE tokens SET uses = uses + 1 WHERE jti=? AND revoked_at IS NULL "
+                "AND uses < max_uses AND expires_at > ?", (host.token_jti, now)).rowcount
+            if not used:
+                raise StoreError(self._token_refusal(host.token_jti, now))
+            self._checkins.pop(host.id, None)  # a queued check-in of the old identity
+            db.execute(f"INSERT INTO hosts ({columns}) VALUES ({marks}) "
+                       f"ON CONFLICT(id) DO UPDATE SET {updates}",
+                       [getattr(host, name) for name in _HOST_COLUMNS])
+            self._add_history(host.id, now, host.status, host.detail)
+            if host.libvirt_cert_serial:
+                self._record_libvirt_cert(host.id, host.libvirt_cert_serial,
+                                          host.libvirt_cert_not_after or now)
+
+    def _record_libvirt_cert(self, host_id: str, serial: str, not_after: float) -> None:
+        self.db.execute("INSERT INTO libvirt_certs(serial, host_id, not_after) VALUES (?,?,?)",
+                        (serial, host_id, not_after))
+
+    def _token_refusal(self, jti: str, now: float) -> str:
+        token = self.get_token(jti)
+        if token is None:
+            return "join token is unknown to this server (was its state reset?)"
+        return {
+            "revoked": "join token was revoked",
+            "expired": "join token has expired",
+            "used": f"join token was already used ({token.uses} of {token.max_uses} uses)",
+        }.get(token.state(now), "join token cannot be used")
+
+    def get_host(self, host_id: str) -> Host | None:
+        self._flush_for_read()
+        row = self.db.execute("SELECT * FROM hosts WHERE id=?", (host_id,)).fetchone()
+        return _host(row) if row else None
+
+    def host_by_serial(self, serial: str) -> Host | None:
+        # Two indexed lookups: SQLite would scan the table for the OR of both columns.
+        row = (self.db.execute("SELECT * FROM hosts WHERE cert_serial=?", (serial,)).fetchone()
+               or self.db.execute("SELECT * FROM hosts WHERE prev_cert_serial=?",
+                                  (serial,)).fetchone())
+        if row is None:
+            return None
+        host = _host(row)
+        queued = self._checkins.get(host.id)
+        if queued is not None:  # the hot path: no flush, the queued check-in laid over
+            (host.last_checkin, host.report_text, host.hostname, host.configured_role,
+             host.agent_version, host.address, host.libvirtd_ok, _id) = queued
+        return host
+
+    def list_hosts(self) -> list[Host]:
+        self._flush_for_read()
+        rows = self.db.execute("SELECT * FROM hosts ORDER BY hostname, id").fetchall()
+        return [_host(r) for r in rows]
+
+    def hosts_to_sweep(self, cutoff: float, started_at: float) -> list[str]:
+        """Enabled hosts whose status disagrees with their freshness: not offline but no
+        check-in since `cutoff` (a server start counts as one), or offline but checked in
+        since. The scan runs in SQLite: no row of the others reaches Python."""
+        self._flush_for_read()
+        rows = self.db.execute(SWEEP_SQL, (cutoff, started_at, cutoff)).fetchall()
+        return [r[0] for r in rows]
+
+    def status_counts(self) -> dict[str, int]:
+        self._flush_for_read()
+        return {r[0]: r[1] for r in self.db.execute(COUNTS_SQL).fetchall()}
+
+    def record_checkin(self, host: Host, address: str, now: float) -> None:
+        """Carry a check-in into `host` (the caller's row stays current) and queue its write.
+
+        Check-ins are written behind, many to a transaction (`flush_checkins`, which the
+        server runs every CHECKIN_FLUSH seconds): a transaction each was a third of a
+        check-in's cost. They skip the fsync too. A crash loses the last fraction of a
+        second of them, which the next check-ins rewrite. Reads see them all: every read
+        flushes first, and the check-in's own lookup (`host_by_serial`) lays the queued
+        one over the row. While writes fail, a check-in fails too, so agents are told."""
+        host.last_checkin, host.address = now, address
+        self._checkins[host.id] = (now, host.report_text, host.hostname, host.configured_role,
+                                   host.agent_version, address, host.libvirtd_ok, host.id)
+        if self._write_error is not None or len(self._checkins) >= CHECKIN_BATCH:
+            self.flush_checkins()
+
+    def flush_checkins(self) -> None:
+        """Write the queued check-ins in one transaction; raises (and keeps them) if the
+        store cannot write."""
+        if not self._checkins:
+            return
+        try:
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            with self.transaction() as db:
+                db.executemany(
+                    "UPDATE hosts SET last_checkin=?, report=?, hostname=?, configured_role=?, "
+                    "agent_version=?, address=?, libvirtd_ok=? WHERE id=?",
+                    list(self._checkins.values()))
+        except sqlite3.Error as exc:
+            self._write_error = StoreUnavailable(f"cannot write check-ins: {exc}")
+            raise self._write_error from exc
+        except StoreError as exc:
+            self._write_error = exc
+            raise
+        finally:
+            self.db.execute("PRAGMA synchronous=FULL")
+        self._write_error = None
+        self._checkins.clear()
+
+    def _flush_for_read(self) -> None:
+        """Before a read: queued check-ins in. A store that cannot write still reads."""
+        try:
+            self.flush_checkins()
+        except StoreError as exc:
+            log.debug("reading without the queued check-ins: %s", exc)
+
+    def set_statuses(self, changes: list[StatusChange]) -> None:
+        """Several hosts' (id, status, detail, since, record) in one transaction; a
+        recorded change that repeats the host's last history row counts a try on it."""
+        if not changes:
+            return
+        with self.transaction() as db:
+            db.executemany("UPDATE hosts SET status=?, detail=?, status_since=? WHERE id=?",
+                           [(status, detail, since, host_id)
+                            for host_id, status, detail, since, _ in changes])
+            for host_id, status, detail, since, record in changes:
+                if record:
+                    self._add_history(host_id, since, status, detail)
+
+    def note(self, host_id: str, at: float, status: str, detail: str) -> None:
+        """A history row that is no status change (a rename, say)."""
+        with self.transaction():
+            self._add_history(host_id, at, status, detail)
+
+    def _add_history(self, host_id: str, at: float, status: str, detail: str) -> None:
+        last = self.db.execute("SELECT seq, at, status, detail FROM host_events WHERE host_id=? "
+                               "ORDER BY seq DESC LIMIT 1", (host_id,)).fetchone()
+        if last is not None and last["status"] == status and (
+                last["detail"] == detail or self._flooding(host_id, at)):
+            self.db.execute("UPDATE host_events SET tries=tries+1, last_at=?, detail=? WHERE seq=?",
+                            (at, detail, last["seq"]))
+            return
+        self.db.execute("INSERT INTO host_events(host_id, at, status, detail) VALUES (?,?,?,?)",
+                        (host_id, at, status, detail))
+        self.db.execute("DELETE FROM host_events WHERE seq IN (SELECT seq FROM host_events "
+                        "WHERE host_id=? ORDER BY seq DESC LIMIT -1 OFFSET ?)",
+                        (host_id, HISTORY_KEEP))
+
+    def _flooding(self, host_id: str, at: float) -> bool:
+        recent = self.db.execute("SELECT COUNT(*) FROM (SELECT at FROM host_events WHERE host_id=? "
+                                 "ORDER BY seq DESC LIMIT ?) WHERE at > ?",
+                                 (host_id, HISTORY_BURST, at - HISTORY_WINDOW)).fetchone()[0]
+        return bool(recent >= HISTORY_BURST)
+
+    def update_host(self, host_id: str, **columns: Any) -> None:
+        """Set admin-owned columns (admin_state, role_override, certificate fields)."""
+        if not columns or set(columns) - _UPDATABLE:
+            raise ValueError(f"update_host: bad columns {sorted(columns)}")
+        assignments = ", ".join(f"{c}=?" for c in columns)
+        with self.transaction() as db:
+            db.execute(f"UPDATE hosts SET {assignments} WHERE id=?", (*columns.values(), host_id))
+            if columns.get("libvirt_cert_serial"):
+                self._record_libvirt_cert(host_id, columns["libvirt_cert_serial"],
+                                          columns["libvirt_cert_not_after"])
+
+    def forget_host(self, host_id: str, now: float) -> None:
+        """Delete the host and revoke every libvirtd certificate it was given."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM hosts WHERE id=?", (host_id,))
+            db.execute("UPDATE libvirt_certs SET revoked_at=? WHERE host_id=? AND revoked_at IS NULL",
+                       (now, host_id))
+
+    def revoke_libvirt_certs(self, host_id: str, keep: tuple[str, ...], now: float) -> None:
+        """Revoke the host's libvirtd certificates but `keep`."""
+        marks = ",".join("?" * len(keep)) or "''"
+        with self.transaction() as db:
+            db.execute(f"UPDATE libvirt_certs SET revoked_at=? WHERE host_id=? AND revoked_at IS NULL "
+                       f"AND serial NOT IN ({marks})", (now, host_id, *keep))
+
+    def history(self, host_id: str, limit: int = 50) -> list[HistoryEntry]:
+        self._flush_for_read()
+        rows = self.db.execute(
+            "SELECT at, status, detail, tries, last_at FROM host_events WHERE host_id=? "
+            "ORDER BY seq DESC LIMIT ?", (host_id, limit)).fetchall()
+        return [HistoryEntry(r["at"], r["status"], r["detail"], r["tries"], r["last_at"])
+                for r in reversed(rows)]
+
+
+def _token(row: sqlite3.Row) -> Token:
+    return Token(**{k: row[k] for k in row.keys()} | {"auto_enable": bool(row["auto_enable"])})
+
+
+def _host(row: sqlite3.Row) -> Host:
+    return Host(**{name: row[column] for name, column in _HOST_COLUMNS.items()})

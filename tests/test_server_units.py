@@ -1,0 +1,552 @@
+"""The server's parts on their own: the status rule, the store, history, the link
+manager's state machine (with a fake opener) and the opener's bounds, the supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import socket
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common import wire
+from server import main as server_main_mod
+from server import memory
+from server.cli import build_parser as server_parser
+from server.cli import main as server_main
+from server.config import ServerConfig
+from server.fleet import checkin_delay
+from server.hosts import SWEEP_BATCH, HostStatus, derive
+from server.links.direct import DialError, Target, dial
+from server.links.manager import LinkManager, reported_kvm_problem
+from server.links.opener import LibvirtOpener, Needs, OpenError, OpenLink
+from server.links.relay import Relay
+from server.memory import GC_GROWTH, full_collection_due
+from server.model import Connection, Host, LinkState, Status, Token
+from server.ratelimit import RateLimiter
+from server.store.sqlite import COUNTS_SQL, HISTORY_BURST, HISTORY_KEEP, SWEEP_SQL, SqliteStore
+
+
+def report(ok: bool = True, endpoint: bool = True, role: str = "mixed",
+           facts: dict[str, Any] | None = None) -> wire.Report:
+    return wire.Report(hostname="hv", role=role, agent_version="1",
+                       libvirtd=wire.LibvirtdHealth(ok=ok, error=None if ok else "socket gone"),
+                       libvirt_endpoint=wire.LibvirtEndpoint(host="hv", port=1) if endpoint else None,
+                       facts=facts or {})
+
+
+def make_host(rep: wire.Report | None = None, **kw: Any) -> Host:
+    base: dict[str, Any] = dict(
+        id="h1", hostname="hv", admin_state="enabled", configured_role="mixed",
+        role_override=None, role_limit="mixed", status="online", detail="", status_since=0,
+        enrolled_at=0, last_checkin=100, address="10.0.0.1", agent_version="1", token_jti="t1")
+    host = Host(**(base | kw))
+    rep = rep or report(role=host.configured_role)
+    host.take_report(rep, json.dumps(wire.to_json(rep)))
+    return host
+
+
+ONLINE = Connection(LinkState.ONLINE, "open")
+
+
+def test_status_derivation_precedence() -> None:
+    assert derive(make_host(admin_state="disabled"), 100, 100, 30, ONLINE)[0] == Status.DISABLED
+    assert derive(make_host(admin_state="pending"), 100, 100, 30, ONLINE)[0] == Status.PENDING
+    assert derive(make_host(), 200, 100, 30, None)[0] == Status.OFFLINE
+    status, detail = derive(make_host(report(ok=False)), 100, 100, 30, ONLINE)
+    assert status == Status.ERROR and "libvirtd is down on the host: socket gone" in detail
+    assert derive(make_host(report(endpoint=False)), 100, 100, 30, None)[0] == Status.CONNECTING
+    assert derive(make_host(), 100, 100, 30, ONLINE) == (Status.ONLINE, "open")
+    assert derive(make_host(), 100, 100, 30, None)[0] == Status.CONNECTING
+
+
+def test_a_silent_agent_with_its_connection_still_open_is_online_with_a_warning() -> None:
+    status, detail = derive(make_host(), 200, 100, 30, ONLINE)
+    assert status == Status.ONLINE and "warning: the agent has not checked in since" in detail
+    lost = Connection(LinkState.ERROR, "libvirt connection lost")
+    assert derive(make_host(), 200, 100, 30, lost)[0] == Status.OFFLINE
+
+
+def test_a_role_beyond_the_token_is_an_error_that_says_what_to_change() -> None:
+    host = make_host(report(role="mixed"), configured_role="mixed", role_limit="hypervisor")
+    status, detail = derive(host, 100, 100, 30, ONLINE)
+    assert status == Status.ERROR and "role mixed, beyond what its join token allows" in detail
+    assert "agent.toml" in detail
+
+
+def test_reported_kvm_problem_takes_any_shape() -> None:
+    problem = {"kvm": {"ok": True, "data": {"problem": "disabled in the BIOS"}}}
+    assert reported_kvm_problem(problem) == "disabled in the BIOS"
+    for odd in ({}, {"kvm": "x"}, {"kvm": {"data": [1]}}, {"kvm": {"data": {"problem": 5}}}):
+        assert reported_kvm_problem(odd) == ""
+
+
+def test_rate_limiter_allows_bursts_then_refills() -> None:
+    limiter = RateLimiter(rate=1.0)
+    assert limiter.allow("a", 0) and limiter.allow("a", 0)
+    assert not limiter.allow("a", 0)
+    assert limiter.allow("b", 0)
+    assert limiter.allow("a", 1.0)
+    assert limiter.retry_after("a") == 1
+
+
+def test_shared_options_work_before_and_after_the_command() -> None:
+    assert server_parser().parse_args(["serve", "--state-dir", "/s"]).state_dir == Path("/s")
+    args = server_parser().parse_args(["--state-dir", "/a", "hosts", "list", "--json"])
+    assert args.state_dir == Path("/a") and args.json
+    args = server_parser().parse_args(["--state-dir", "/a", "--json", "hosts", "show", "x"])
+    assert args.state_dir == Path("/a") and args.json  # not reset by the command's own defaults
+
+
+# -- the store ----------------------------------------------------------------
+
+
+def token(uses: int = 5) -> Token:
+    return Token(jti="t1", role="mixed", auto_enable=True, max_uses=uses, uses=0, created_at=0,
+                 expires_at=1e12, revoked_at=None, description="")
+
+
+def store_with(tmp_path: Path, hosts: list[Host]) -> SqliteStore:
+    store = SqliteStore(tmp_path / "state.db")
+    store.add_token(token(max(1, len(hosts))))
+    for host in hosts:
+        store.enroll(host, now=host.enrolled_at)
+    return store
+
+
+def revoked(store: SqliteStore) -> list[str]:
+    rows = store.db.execute("SELECT serial FROM libvirt_certs WHERE revoked_at IS NOT NULL "
+                            "ORDER BY serial").fetchall()
+    return [r[0] for r in rows]
+
+
+def test_forgetting_a_host_revokes_all_its_libvirt_certificates(tmp_path: Path) -> None:
+    store = store_with(tmp_path, [
+        make_host(id="h1", cert_serial="id-h1", libvirt_cert_serial="a1", libvirt_cert_not_after=1e3),
+        make_host(id="h2", cert_serial="id-h2", libvirt_cert_serial="b1", libvirt_cert_not_after=1e3)])
+    store.update_host("h1", libvirt_cert_serial="a2", libvirt_cert_not_after=2000.0)  # renewed
+    assert revoked(store) == []
+    store.forget_host("h1", now=30)
+    assert revoked(store) == ["a1", "a2"]
+    assert store.get_host("h2") is not None and store.host_by_serial("id-h1") is None
+    store.close()
+
+
+def test_a_renewal_revokes_all_but_the_current_and_previous_libvirt_certificates(
+        tmp_path: Path) -> None:
+    store = store_with(tmp_path, [make_host(cert_serial="i", libvirt_cert_serial="a1",
+                                            libvirt_cert_not_after=1e3)])
+    for serial in ("a2", "a3"):
+        store.update_host("h1", libvirt_cert_serial=serial, libvirt_cert_not_after=1e3)
+    store.revoke_libvirt_certs("h1", ("a3", "a2"), now=5)
+    assert revoked(store) == ["a1"]
+    store.close()
+
+
+def test_a_check_in_finds_its_host_by_index_not_by_scanning(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    for column in ("cert_serial", "prev_cert_serial"):
+        plan = store.db.execute(f"EXPLAIN QUERY PLAN SELECT * FROM hosts WHERE {column}=?",
+                                ("ab",)).fetchall()
+        assert all("USING INDEX" in row["detail"] for row in plan), [row["detail"] for row in plan]
+    store.close()
+
+
+def test_the_sweep_reads_an_index_not_the_hosts_rows(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    for query, args in ((COUNTS_SQL, ()), (SWEEP_SQL, (1, 1, 1))):
+        plan = [row["detail"] for row in store.db.execute(f"EXPLAIN QUERY PLAN {query}", args)]
+        assert any("COVERING INDEX hosts_liveness" in step for step in plan), plan
+    store.close()
+
+
+def test_a_queued_check_in_is_seen_by_the_next_lookup_and_by_every_read(tmp_path: Path) -> None:
+    store = store_with(tmp_path, [make_host(cert_serial="s1", last_checkin=1)])
+    host = store.host_by_serial("s1")
+    assert host is not None and host.libvirtd_ok
+    host.take_report(report(ok=False), json.dumps(wire.to_json(report(ok=False))))
+    store.record_checkin(host, "10.0.0.9", now=50)
+    again = store.host_by_serial("s1")  # laid over the row, not flushed
+    assert again is not None and not again.libvirtd_ok and again.last_checkin == 50
+    assert again.report.libvirtd.error == "socket gone" and again.address == "10.0.0.9"
+    fresh = SqliteStore(tmp_path / "state.db")  # another reader sees it once flushed
+    store.flush_checkins()
+    stored = fresh.get_host("h1")
+    assert stored is not None and stored.last_checkin == 50 and not stored.libvirtd_ok
+    store.close()
+    fresh.close()
+
+
+def test_sweep_picks_only_hosts_whose_freshness_disagrees_with_their_status(tmp_path: Path) -> None:
+    now = time.time()
+    store = store_with(tmp_path, [
+        make_host(id="fresh", cert_serial="1", last_checkin=now),
+        make_host(id="stale", cert_serial="2", last_checkin=now - 100),
+        make_host(id="off-stale", cert_serial="3", status="offline", last_checkin=now - 100),
+        make_host(id="off-back", cert_serial="4", status="offline", last_checkin=now),
+        make_host(id="disabled", cert_serial="5", admin_state="disabled", last_checkin=now - 100),
+    ])
+    assert sorted(store.hosts_to_sweep(now - 30, started_at=0)) == ["off-back", "stale"]
+    # Within the grace period after a server start nobody is stale; the offline host that
+    # checked in is still due.
+    assert store.hosts_to_sweep(now - 30, started_at=now - 5) == ["off-back"]
+    store.close()
+
+
+def test_a_sweep_marks_thousands_offline_in_a_few_commits_and_keeps_offline_hosts_offline(
+        tmp_path: Path) -> None:
+    now = time.time()
+    many = [make_host(id=f"h{i}", cert_serial=f"s{i}", last_checkin=now - 100) for i in range(1200)]
+    store = store_with(tmp_path, many)
+    commits: list[str] = []
+    store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    status = HostStatus(store, grace=30, links={})
+    status.started_at = now - 60  # a server that has run longer than the grace period
+    asyncio.run(status.sweep())
+    assert store.status_counts() == {"offline": 1200}
+    assert len(commits) == -(-1200 // SWEEP_BATCH)  # one commit per batch, not per host
+    assert [e.status for e in store.history("h7")] == ["online", "offline"]
+    # After a restart a host already offline stays offline until it checks in.
+    restarted = HostStatus(store, grace=30, links={})
+    assert store.hosts_to_sweep(now - 30, restarted.started_at) == []
+    host = store.get_host("h7")
+    assert host is not None and restarted.refresh_host(host).status == Status.OFFLINE
+    store.close()
+
+
+def test_retries_that_fail_the_same_way_count_on_one_history_row(tmp_path: Path) -> None:
+    store = store_with(tmp_path, [make_host(cert_serial="s", status="connecting", detail="x")])
+    links: dict[str, Connection] = {}
+    status = HostStatus(store, grace=1e9, links=links)
+    for _ in range(12):  # connecting -> error -> connecting ... the same reason each time
+        links["h1"] = Connection(LinkState.CONNECTING, "opening qemu+tls://10.0.0.1:1/system")
+        status.refresh("h1")
+        links["h1"] = Connection(LinkState.ERROR, "libvirtd is not listening (connection refused)")
+        status.refresh("h1")
+    history = store.history("h1")
+    assert [e.status for e in history] == ["connecting", "error"]
+    assert history[-1].tries == 12 and history[-1].last_at is not None
+    links["h1"] = ONLINE
+    assert status.refresh("h1") is not None
+    assert [e.status for e in store.history("h1")] == ["connecting", "error", "online"]
+    store.close()
+
+
+def test_a_flood_of_new_error_texts_cannot_grow_the_history(tmp_path: Path) -> None:
+    store = store_with(tmp_path, [make_host(cert_serial="s")])
+    now = 1000.0
+    store.set_statuses([("h1", "error", f"error {i}", now + i / 100, True) for i in range(500)])
+    history = store.history("h1", limit=1000)
+    assert len(history) == 1 + HISTORY_BURST and history[-1].detail == "error 499"
+    assert sum(e.tries for e in history[1:]) == 500  # every one counted, few rows kept
+    for i in range(HISTORY_KEEP + 50):  # a status change every minute, for hours
+        store.set_statuses([("h1", ("error", "online")[i % 2], "x", now + 60 * (i + 1), True)])
+    assert len(store.history("h1", limit=10_000)) == HISTORY_KEEP
+    store.close()
+
+
+def test_a_newer_schema_is_refused_with_words(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    store.db.execute("PRAGMA user_version=99")
+    store.close()
+    with pytest.raises(Exception, match="newer than this server knows"):
+        SqliteStore(tmp_path / "state.db")
+
+
+def test_a_full_garbage_collection_is_due_once_memory_grew_and_settled() -> None:
+    assert not full_collection_due(grown=0, growing=0)  # however long it has been
+    assert full_collection_due(grown=GC_GROWTH, growing=0)
+    assert not full_collection_due(grown=GC_GROWTH, growing=GC_GROWTH // 2)  # a storm
+    assert not full_collection_due(grown=-GC_GROWTH, growing=0)  # shrinking is no reason
+
+
+def test_hosts_arriving_together_are_spread_over_the_interval_by_their_next_checkin() -> None:
+    now, interval = 1_000.0, 10.0
+    ids = [secrets.token_hex(6) for _ in range(2000)]
+    delays = [checkin_delay(host_id, now, interval) for host_id in ids]
+    assert all(interval / 2 <= d < 1.5 * interval for d in delays)
+    # The next check-ins land evenly: no second of the interval gets twice its share.
+    per_second = Counter(int((now + d) % interval) for d in delays)
+    assert len(per_second) == 10 and max(per_second.values()) < 2 * len(ids) / 10
+    # A host keeps its moment: checking in again at the time it was given, it is told a
+    # whole interval.
+    first = checkin_delay(ids[0], now, interval)
+    assert checkin_delay(ids[0], now + first, interval) == pytest.approx(interval)
+
+
+def test_serve_refuses_a_grace_period_shorter_than_two_intervals(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = server_main(["serve", "--state-dir", str(tmp_path), "--checkin-interval", "10s",
+                        "--grace", "15s"])
+    assert code != 0
+    assert "--grace (15 s) must be at least twice --checkin-interval (10 s)" in capsys.readouterr().err
+    assert not (tmp_path / "state.db").exists()  # refused before anything was made
+
+
+# -- the link manager, with a fake opener ------------------------------------------
+
+
+class FakeConn:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def unregisterCloseCallback(self) -> None:  # noqa: N802 (libvirt's name)
+        pass
+
+
+class FakeOpener:
+    """Opens as told: `plan` is a list of "fail", "hang" or "ok", one per attempt."""
+
+    def __init__(self, plan: list[str]) -> None:
+        self.plan = plan
+        self.attempts = 0
+        self.opened: list[OpenLink] = []
+        self.closed: list[OpenLink] = []
+
+    async def open(self, target: Target, needs: Needs) -> OpenLink:
+        step = self.plan[min(self.attempts, len(self.plan) - 1)]
+        self.attempts += 1
+        if step == "fail":
+            raise OpenError(f"connection refused at {target.where}")
+        if step == "hang":
+            await asyncio.Event().wait()
+        link = OpenLink(conn=FakeConn(), relay=None, uri=f"qemu+tls://{target.where}/system",  # type: ignore[arg-type]
+                        remote_version="9.0.0", serial="a1")
+        self.opened.append(link)
+        return link
+
+    async def close(self, link: OpenLink) -> None:
+        link.conn.close()
+        self.closed.append(link)
+
+
+def run_manager(plan: list[str], scenario: Any) -> tuple[FakeOpener, list[Connection]]:
+    """Run `scenario(manager, states, host)` against a manager with a fake opener."""
+    opener = FakeOpener(plan)
+    host = make_host(libvirt_cert_serial="a1")
+    seen: list[Connection] = []
+    states: dict[str, Connection] = {}
+
+    async def main() -> None:
+        manager = LinkManager(opener, lambda _id: host, states,
+                              on_change=lambda hid: seen.append(states[hid]) if hid in states else None)
+        manager.start([host])
+        try:
+            await scenario(manager, states, host)
+        finally:
+            await manager.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    return opener, seen
+
+
+async def until(condition: Any, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def test_a_failed_open_is_an_error_and_libvirtd_back_retries_at_once() -> None:
+    async def scenario(manager: LinkManager, states: dict[str, Connection], host: Host) -> None:
+        await until(lambda: states.get("h1", ONLINE).state == LinkState.ERROR, "the error")
+        assert "connection refused" in states["h1"].detail
+        manager.host_changed("h1", libvirtd_recovered=True, host=host)  # cuts the 1 s backoff
+        await until(lambda: states["h1"].state == LinkState.ONLINE, "online", timeout=0.5)
+
+    opener, seen = run_manager(["fail", "ok"], scenario)
+    assert [s.state for s in seen] == [LinkState.CONNECTING, LinkState.ERROR,
+                                       LinkState.CONNECTING, LinkState.ONLINE]
+    assert opener.closed == opener.opened  # stop() closed the open link
+
+
+def test_a_closed_link_is_reported_lost_and_reopened() -> None:
+    async def scenario(manager: LinkManager, states: dict[str, Connection], host: Host) -> None:
+        await until(lambda: manager.get("h1") is not None, "online")
+        first = manager.links["h1"].opened
+        assert first is not None
+        first.close_reason = "no keepalive answer"
+        first.closed.set()
+        await until(lambda: manager.get("h1") not in (None, first.conn), "reopened")
+
+    opener, seen = run_manager(["ok"], scenario)
+    assert len(opener.opened) == 2 and opener.closed[0] is opener.opened[0]
+    lost = [s for s in seen if s.state == LinkState.ERROR]
+    assert len(lost) == 1 and "libvirt connection lost: no keepalive answer" in lost[0].detail
+
+
+def test_disabling_a_host_while_its_open_hangs_stops_at_once() -> None:
+    async def scenario(manager: LinkManager, states: dict[str, Connection], host: Host) -> None:
+        await until(lambda: states.get("h1") is not None, "connecting")
+        host.admin_state = "disabled"  # type: ignore[assignment]
+        started = time.monotonic()
+        manager.host_changed("h1", host=host)
+        task = next(iter(manager.links.values()), None)
+        assert task is None and "h1" not in states  # dropped: nothing shows it connecting
+        await asyncio.sleep(0)
+        assert time.monotonic() - started < 0.1
+
+    opener, _ = run_manager(["hang"], scenario)
+    assert opener.attempts == 1 and opener.opened == []
+
+
+def test_a_host_that_is_not_ready_costs_no_task() -> None:
+    async def scenario(manager: LinkManager, states: dict[str, Connection], host: Host) -> None:
+        manager.host_changed("h2", host=make_host(report(endpoint=False), id="h2"))
+        assert manager.links["h2"].task is None and "h2" not in states
+        await until(lambda: manager.get("h1") is not None, "h1 online")
+
+    run_manager(["ok"], scenario)
+
+
+# -- the opener's bounds, with a fake dial and a fake libvirt open ---------------------
+
+
+async def socket_stream() -> tuple[Any, socket.socket]:
+    """A stream to a peer that never says anything (the other end is returned)."""
+    ours, theirs = socket.socketpair()
+    return await asyncio.open_connection(sock=ours), theirs
+
+
+def test_an_open_that_succeeds_after_its_deadline_is_closed_and_the_slot_comes_back() -> None:
+    release = threading.Event()
+    late = FakeConn()
+    peers: list[socket.socket] = []
+
+    def slow_open(uri: str) -> Any:
+        path = uri.split("socket=", 1)[1]
+        with socket.socket(socket.AF_UNIX) as client:  # libvirt would connect, then block
+            client.connect(path)
+            release.wait(5)
+        return late
+
+    async def fake_dial(target: Target, ctx: Any) -> Any:
+        stream, peer = await socket_stream()
+        peers.append(peer)
+        return stream, "a1"
+
+    async def main() -> None:
+        opener = LibvirtOpener(None, max_opens=1, open_timeout=0.2, dial=fake_dial,  # type: ignore[arg-type]
+                               libvirt_open=slow_open)
+        target = Target("h1", "10.0.0.1", 1, ("a1",))
+        try:
+            with pytest.raises(OpenError, match="did not complete opening"):
+                await opener.open(target, Needs("disk_operations"))
+            with pytest.raises(OpenError, match="has not returned yet"):
+                await opener.open(target, Needs("disk_operations"))  # one in flight per host
+            release.set()
+            await until(lambda: late.closed, "the late connection to be closed")
+            assert opener._slots._value == 1  # the slot is back
+        finally:
+            opener.stop()
+
+    asyncio.run(main())
+    for peer in peers:
+        peer.close()
+
+
+def test_opens_in_flight_are_bounded_over_all_hosts() -> None:
+    running, most = 0, 0
+    lock = threading.Lock()
+    gate = threading.Event()
+
+    def counting_open(uri: str) -> Any:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        gate.wait(5)
+        with lock:
+            running -= 1
+        raise __import__("libvirt").libvirtError("refused by the fake")
+
+    peers: list[socket.socket] = []
+
+    async def fake_dial(target: Target, ctx: Any) -> Any:
+        stream, peer = await socket_stream()
+        peers.append(peer)
+        return stream, "a1"
+
+    async def main() -> None:
+        opener = LibvirtOpener(None, max_opens=3, open_timeout=5, dial=fake_dial,  # type: ignore[arg-type]
+                               libvirt_open=counting_open)
+        try:
+            attempts = [asyncio.create_task(opener.open(Target(f"h{i}", "10.0.0.1", 1, ("a1",)),
+                                                        Needs("disk_operations")))
+                        for i in range(10)]
+            await until(lambda: most == 3, "three opens running")
+            await asyncio.sleep(0.05)
+            assert most == 3  # the other seven wait for a slot, not for a thread
+            gate.set()
+            results = await asyncio.gather(*attempts, return_exceptions=True)
+            assert all(isinstance(r, OpenError) for r in results)
+        finally:
+            opener.stop()
+
+    asyncio.run(main())
+    for peer in peers:
+        peer.close()
+
+
+def test_a_port_that_accepts_and_never_answers_costs_a_timer_not_a_thread() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(DialError, match="no answer from libvirtd at 127.0.0.1:.* within 0.3 s"):
+            asyncio.run(dial(Target("h1", "127.0.0.1", port, ("a1",)), __import__("ssl")
+                             .create_default_context(), timeout=0.3))
+        assert time.monotonic() - started < 2
+        assert threading.active_count() < 10
+
+
+def test_the_relay_holds_back_a_fast_writer_for_a_slow_reader() -> None:
+    async def main() -> int:
+        client, client_peer = await socket_stream()
+        upstream, upstream_peer = await socket_stream()
+        relay = Relay(client=client, upstream=upstream)
+        task = asyncio.create_task(relay.run())
+        upstream_peer.setblocking(False)
+        chunk = b"x" * 65536
+        sent = 0
+        for _ in range(400):  # the host sends 25 MiB; the client never reads
+            try:
+                sent += upstream_peer.send(chunk)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        relayed = relay.received
+        relay.close()
+        await task
+        client_peer.close()
+        upstream_peer.close()
+        assert sent < 25 * 2**20, "the host's writes were never held back"
+        return relayed
+
+    assert asyncio.run(main()) < 8 * 2**20  # what the relay took in: bounded by buffers
+
+
+# -- the process -------------------------------------------------------------------
+
+
+def test_the_server_exits_non_zero_naming_a_background_task_that_died(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    async def broken() -> None:
+        raise RuntimeError("collector broke")
+
+    monkeypatch.setattr(memory, "collect_garbage_forever", broken)
+    monkeypatch.setattr(memory, "tune_garbage_collector", lambda: None)
+    config = ServerConfig(state_dir=tmp_path / "s", listen_host="127.0.0.1", listen_port=0)
+    code = asyncio.run(asyncio.wait_for(server_main_mod.serve(config), 20))
+    assert code == 1
+    assert "background task garbage-collector stopped: RuntimeError('collector broke')" in caplog.text
