@@ -76,9 +76,16 @@ def ca_pin(public_key: PUBLIC_KEY_TYPES) -> str:
 _REQUIRED: Any = dataclasses.MISSING
 
 
-def _text(max_len: int = MAX_TEXT, *, choices: tuple[str, ...] = (), default: Any = _REQUIRED) -> Any:
-    """A string field with its bounds; required unless a default is given."""
-    return field(default=default, metadata={"max_len": max_len, "choices": choices})
+def _text(max_len: int = MAX_TEXT, *, choices: tuple[str, ...] = (), default: Any = _REQUIRED,
+          name: bool = False) -> Any:
+    """A string field with its bounds; required unless a default is given. `name`: a name
+    people read in tables (a hostname): no control characters at all."""
+    return field(default=default, metadata={"max_len": max_len, "choices": choices, "name": name})
+
+
+# What a terminal would act on rather than show: C0 and C1 controls (escape sequences,
+# OSC 52 clipboard writes) and the bidirectional overrides that reorder a line.
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 JOIN_PREFIX = "vfjoin1."
@@ -162,7 +169,7 @@ class LibvirtEndpoint:
 class Report:
     """What the agent says about its host, at enrollment and on every check-in."""
 
-    hostname: str = _text()
+    hostname: str = _text(name=True)
     role: str = _text(choices=ROLES)
     agent_version: str = _text(64)
     libvirtd: LibvirtdHealth
@@ -285,6 +292,8 @@ def _value(hint: Any, value: Any, path: str, meta: Any, ignore_unknown: bool = F
         max_len = meta.get("max_len", MAX_TEXT)
         if len(value) > max_len:
             raise WireError(f"{path}: longer than {max_len} characters")
+        if meta.get("name") and CONTROL_CHARS.search(value):
+            raise WireError(f"{path}: contains control characters")
         choices = meta.get("choices")
         if choices and value not in choices:
             raise WireError(f"{path}: {value[:40]!r} is not one of {', '.join(choices)}")

@@ -10,15 +10,18 @@ import argparse
 import asyncio
 import http.client
 import json
+import logging
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from common import logs
-from common.cli import ago, duration, fail, print_json, table, when
-from server.config import DEFAULT_PORT, DEFAULT_STATE_DIR, ServerConfig
+from common import VERSION, logs, wire
+from common.cli import ago, duration, fail, print_json, printable, table, when
+from server.config import DEFAULT_PORT, DEFAULT_STATE_DIR, ServerConfig, unreachable_url_problem
 
 EPILOG = """\
 examples:
@@ -29,8 +32,23 @@ examples:
 """
 
 
+HOST_REF = "host id, a unique id prefix (2+ characters) or a hostname; ids win over hostnames"
+
+
 class AdminError(Exception):
     pass
+
+
+class _Commands:
+    """Subcommands whose --help starts with what the command does (argparse shows a
+    subcommand's `help` only in its parent's list)."""
+
+    def __init__(self, action: Any) -> None:
+        self.action = action
+
+    def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
+        kw.setdefault("description", kw.get("help"))
+        return self.action.add_parser(name, **kw)  # type: ignore[no-any-return]
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -83,6 +101,15 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", number
 
 
+def reference(text: str) -> str:
+    """A host or token reference on the command line: never empty (an empty one would
+    name the list, not an item)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty: give an id, a unique id prefix or a "
+                                         "hostname")
+    return text
+
+
 def add_shared_options(parser: argparse.ArgumentParser, after_command: bool = False) -> None:
     """Options every command takes, before or after its name (`--state-dir DIR hosts list`
     and `hosts list --state-dir DIR` alike). After the name they have no default, so they
@@ -102,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="virtfleet-server", description="Central server for virtfleet: enrolls KVM hosts "
         "with join tokens and keeps a libvirt connection to each.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"virtfleet-server {VERSION}")
     add_shared_options(p)
     shared = argparse.ArgumentParser(add_help=False)  # the same options, also after the command
     add_shared_options(shared, after_command=True)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = _Commands(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     s = sub.add_parser("serve", help="run the server", parents=[shared])
     s.add_argument("--listen", type=parse_listen, default=("0.0.0.0", DEFAULT_PORT),
@@ -124,10 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     t = sub.add_parser("token", help="join tokens: create, list, revoke")
-    tsub = t.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    tsub = _Commands(t.add_subparsers(dest="token_command", required=True, metavar="ACTION"))
     tc = tsub.add_parser("create", help="create a join token and print the command for the host",
                          parents=[shared])
-    tc.add_argument("--role", default="mixed", choices=["hypervisor", "disk_operations", "mixed"],
+    tc.add_argument("--role", default="mixed", choices=wire.ROLES,
                     help="widest role a host may take with it (default mixed: any role)")
     tc.add_argument("--ttl", type=duration, default=3600.0, metavar="DURATION",
                     help="valid for this long (default 1h, at most 7d)")
@@ -137,20 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--description", default="", help="a note for `token list`")
     tsub.add_parser("list", help="list tokens and their state", parents=[shared])
     tr = tsub.add_parser("revoke", help="revoke a token: no more hosts join with it", parents=[shared])
-    tr.add_argument("id")
+    tr.add_argument("id", type=reference, help="token id, or a unique prefix of it")
 
     h = sub.add_parser("hosts", help="hosts: list, show, enable, disable, forget, set-role")
-    hsub = h.add_subparsers(dest="hosts_command", required=True, metavar="ACTION")
+    hsub = _Commands(h.add_subparsers(dest="hosts_command", required=True, metavar="ACTION"))
     hsub.add_parser("list", help="every host with its status and last check-in", parents=[shared])
     for name, text in [("show", "everything known about a host, with its status history"),
                        ("enable", "enable a host (approve a pending one): open its connection"),
                        ("disable", "disable a host: close its connection"),
                        ("forget", "remove a host; its certificate is refused from now on")]:
         hp = hsub.add_parser(name, help=text, parents=[shared])
-        hp.add_argument("id", help="host id, unique id prefix or hostname")
+        hp.add_argument("id", type=reference, help=HOST_REF)
     sr = hsub.add_parser("set-role", help="override the role a host configured", parents=[shared])
-    sr.add_argument("id", help="host id, unique id prefix or hostname")
-    sr.add_argument("role", choices=["hypervisor", "disk_operations", "mixed"])
+    sr.add_argument("id", type=reference, help=HOST_REF)
+    sr.add_argument("role", choices=wire.ROLES)
     sub.add_parser("status", help="the server's URL, CA pin and host counts", parents=[shared])
     return p
 
@@ -181,6 +209,11 @@ def serve(args: argparse.Namespace) -> int:
         advertise_url=args.advertise_url, checkin_interval=args.checkin_interval,
         grace=args.grace, identity_cert_lifetime=lifetime, libvirt_cert_lifetime=lifetime,
         enroll_rate=args.enroll_rate)
+    problem = unreachable_url_problem(config)
+    if problem and not args.advertise_url:
+        return fail(problem)  # a guess that is certainly wrong: refuse it
+    if problem:
+        logging.getLogger("server").warning("%s (kept: it was given with --advertise-url)", problem)
     try:
         return asyncio.run(run_server(config))
     except OSError as exc:
@@ -218,17 +251,19 @@ def token_command(args: argparse.Namespace, state: Path) -> int:
               + ("" if tok["auto_enable"] else ", hosts wait for `hosts enable`"),
               file=sys.stderr)
         print(f"# on the host, as root:\n{data['command']}", file=sys.stderr)
+        if data.get("warning"):
+            print(f"# WARNING: {data['warning']}", file=sys.stderr)
         return 0
     if args.token_command == "list":
         tokens = admin_call(state, "GET", "/v1/tokens")
         if args.json:
             print_json(tokens)
             return 0
-        print(table(["id", "role", "uses", "state", "expires", "description"], [
+        print(table(["id", "role", "uses", "state", "expires", "hosts", "description"], [
             (t["id"], t["role"], f"{t['uses']}/{t['max_uses']}", t["state"], when(t["expires_at"]),
-             t["description"]) for t in tokens]))
+             ", ".join(t["hosts"]) or "-", t["description"]) for t in tokens]))
         return 0
-    tok = admin_call(state, "POST", f"/v1/tokens/{args.id}/revoke")
+    tok = admin_call(state, "POST", f"/v1/tokens/{quote(args.id, safe='')}/revoke")
     print_json(tok) if args.json else print(f"token {tok['id']} revoked")
     return 0
 
@@ -244,12 +279,13 @@ def hosts_command(args: argparse.Namespace, state: Path) -> int:
             (h["id"], h["hostname"], h["role"], h["status"], ago(h["last_checkin"]),
              _short(h["detail"])) for h in hosts]))
         return 0
+    ref = quote(args.id, safe="")
     if action == "show":
-        data = admin_call(state, "GET", f"/v1/hosts/{args.id}")
+        data = admin_call(state, "GET", f"/v1/hosts/{ref}")
     elif action == "set-role":
-        data = admin_call(state, "POST", f"/v1/hosts/{args.id}/set-role", {"role": args.role})
+        data = admin_call(state, "POST", f"/v1/hosts/{ref}/set-role", {"role": args.role})
     else:
-        data = admin_call(state, "POST", f"/v1/hosts/{args.id}/{action}")
+        data = admin_call(state, "POST", f"/v1/hosts/{ref}/{action}")
         if action == "forget":
             print_json(data) if args.json else print(f"host {data['id']} forgotten")
             return 0
@@ -294,10 +330,16 @@ def _short(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+REPORT_FRESH = 30.0  # seconds: a report older than this says how old it is
+
+
 def render_host(h: dict[str, Any]) -> str:
     report = h.get("report") or {}
     facts = report.get("facts") or {}
     conn = h.get("connection") or {}
+    libvirtd = report.get("libvirtd") or {}
+    age = ago(h["last_checkin"])
+    stale = f" (as reported {age})" if _older_than(h["last_checkin"], REPORT_FRESH) else ""
     lines = [
         f"host {h['id']}  ({h['hostname']})",
         f"  status:        {h['status']} since {when(h['status_since'])}",
@@ -307,26 +349,33 @@ def render_host(h: dict[str, Any]) -> str:
         f"token allows {h['role_limit']})",
         f"  capabilities:  {', '.join(h['capabilities'])}",
         f"  address:       {h['address']}",
-        f"  last check-in: {when(h['last_checkin'])} ({ago(h['last_checkin'])})",
+        f"  last check-in: {when(h['last_checkin'])} ({age})",
         f"  enrolled:      {when(h['enrolled_at'])}",
         f"  agent:         {h['agent_version']}",
         f"  certificate:   expires {when(h['certificate_expires'])}",
-        f"  libvirtd:      {'answers' if (report.get('libvirtd') or {}).get('ok') else 'DOWN'}"
-        + (f" ({report['libvirtd'].get('error')})" if not (report.get('libvirtd') or {}).get('ok') else ""),
+        "  libvirtd:      " + ("answers" if libvirtd.get("ok") else f"DOWN ({libvirtd.get('error')})")
+        + stale,
         "  connection:    " + conn.get("state", "closed")
-        + (f" to {conn['uri'].split('?')[0]}" if conn.get("uri") else "")
+        + (f" to {conn['uri']}" if conn.get("uri") else "")
         + (f", libvirt {conn['remote_libvirt_version']}" if conn.get("remote_libvirt_version") else "")
         + (f", since {when(conn['connected_since'])}" if conn.get("connected_since") else ""),
     ]
     if conn.get("last_error"):
-        lines.append(f"  last error:    {conn['last_error']} ({ago(conn.get('last_error_at'))})")
+        tries = f", {conn['tries']} tries" if conn.get("tries", 0) > 1 else ""
+        lines.append(f"  last error:    {conn['last_error']} ({ago(conn.get('last_error_at'))}{tries})")
     for name, result in sorted(facts.items()):
         if isinstance(result, dict):
-            lines.append(f"  {name + ':':<14} {describe_facts(name, result)}")
+            lines.append(f"  {name + ':':<14} {describe_facts(name, result)}{stale}")
     lines.append("  history:")
     for e in h.get("history", []):
-        lines.append(f"    {when(e['at'])}  {e['status']:<10} {e['detail']}")
-    return "\n".join(lines)
+        repeats = (f" ({e['tries']} tries until {when(e['last_at'])})"
+                   if e.get("tries", 1) > 1 and e.get("last_at") else "")
+        lines.append(f"    {when(e['at'])}  {e['status']:<10} {e['detail']}{repeats}")
+    return "\n".join(printable(line) for line in lines)
+
+
+def _older_than(ts: float | None, seconds: float) -> bool:
+    return not ts or time.time() - ts > seconds
 
 
 if __name__ == "__main__":

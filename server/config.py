@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_STATE_DIR = Path("/var/lib/virtfleet-server")
 DEFAULT_PORT = 8443
@@ -37,3 +39,25 @@ class ServerConfig:
         if ":" in host:
             host = f"[{host}]"
         return f"https://{host}:{self.listen_port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) only ever means this machine."""
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def unreachable_url_problem(config: ServerConfig) -> str:
+    """Why join strings would be useless from other machines, or "": the URL names this
+    machine's loopback while the server listens on a network (the machine's name can
+    resolve to 127.0.0.1 in /etc/hosts, and then getfqdn says localhost)."""
+    host = urlsplit(config.url).hostname or ""
+    if not is_loopback(host) or is_loopback(config.listen_host):
+        return ""
+    return (f"the join URL would be {config.url}, which names this machine's loopback: "
+            "hosts elsewhere cannot reach it. Set the URL they use, e.g. "
+            f"--advertise-url https://{socket.gethostname()}.example.org:{config.listen_port}")

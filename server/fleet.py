@@ -214,8 +214,11 @@ class Fleet:
         if not self._checkins.allow(host.id):
             raise rate_limited(self._checkins, host.id, "check-ins from this host")
         report = req.report
-        was_ok, old_name = host.libvirtd_ok, host.hostname
+        was_ok, old_name, old_role = host.libvirtd_ok, host.hostname, host.configured_role
         host.take_report(report, json.dumps(wire.to_json(report)))
+        role_allowed = wire.role_within(report.role, host.role_limit)
+        if not role_allowed:
+            host.configured_role = old_role  # the report says what it asked for (status shows it)
         now = time.time()
         self.store.record_checkin(host, address, now)
         if report.hostname != old_name:
@@ -231,7 +234,7 @@ class Fleet:
         self.status.refresh_host(host)
         self.links.host_changed(host.id, libvirtd_recovered=report.libvirtd.ok and not was_ok,
                                 host=host)
-        if not wire.role_within(report.role, host.role_limit):
+        if not role_allowed:
             raise Refused(403, "role_refused",
                           f"role {report.role!r} is beyond what this host's join token allows "
                           f"({host.role_limit!r}): set role = {host.role_limit!r} (or narrower) "

@@ -40,8 +40,9 @@ def dial_blocker(host: Host, silent: str | None) -> tuple[Status, str] | None:
         return Status.PENDING, f"enrolled; waiting for approval: virtfleet-server hosts enable {host.id}"
     if silent is not None:
         return Status.OFFLINE, silent
-    if not wire.role_within(host.configured_role, host.role_limit):
-        return Status.ERROR, (f"the agent asks for role {host.configured_role}, beyond what its "
+    asked = host.report.role
+    if not wire.role_within(asked, host.role_limit):
+        return Status.ERROR, (f"the agent asks for role {asked}, beyond what its "
                               f"join token allows ({host.role_limit}); its check-ins are refused "
                               f"until `role` in the host's agent.toml is within it")
     libvirtd = host.report.libvirtd

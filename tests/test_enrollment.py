@@ -366,4 +366,8 @@ def test_checkin_with_a_role_beyond_the_token_is_refused(server: Server,
     result = agent.run_cmd("run", "--once")
     assert result.returncode == 1
     assert "beyond what this host's join token allows" in agent.run_cmd("status").stdout
-    assert server.host(agent.host_id())["role"] == "disk_operations"
+    host = server.host(agent.host_id())
+    assert host["role"] == "disk_operations"  # what the token allows, not what was asked
+    # The server says why too (not "offline: is the agent running?").
+    assert host["status"] == "error" and "asks for role mixed, beyond what its join token" \
+        in host["detail"], host["detail"]

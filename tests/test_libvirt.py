@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -268,3 +269,18 @@ def test_tls_files_not_written_by_the_agent_are_not_overwritten(
     assert f"{theirs} exists and was not written by virtfleet-agent" in result.stderr
     assert theirs.read_text() == "an admin's own certificate\n"
     assert server.hosts() == []  # refused before the token was spent
+
+
+def test_a_dead_agent_leaves_the_host_online_with_a_warning(server: Server, libvirtd: Libvirtd,
+                                                            make_agent: MakeAgent) -> None:
+    agent = make_agent("hv-agent-crash", libvirtd)
+    host_id = online_host(server, agent, libvirtd)
+    agent.stop(signal.SIGKILL)
+    # Past the grace (4 s): libvirt still answers on the open connection, so desktops run
+    # and engines can use the host; only the agent is silent, and the detail says so.
+    host = wait_for(lambda: "the agent has not checked in since" in (h := server.host(host_id))["detail"]
+                    and h, 15, "the warning about the agent")
+    assert host["status"] == "online" and host["connection"]["state"] == "online"
+    assert "offline" not in [e["status"] for e in host["history"]]
+    libvirtd.stop()  # now the host itself is gone: offline
+    server.wait_status(host_id, "offline", 15)

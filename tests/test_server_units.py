@@ -74,7 +74,7 @@ def test_a_silent_agent_with_its_connection_still_open_is_online_with_a_warning(
 
 
 def test_a_role_beyond_the_token_is_an_error_that_says_what_to_change() -> None:
-    host = make_host(report(role="mixed"), configured_role="mixed", role_limit="hypervisor")
+    host = make_host(report(role="mixed"), configured_role="hypervisor", role_limit="hypervisor")
     status, detail = derive(host, 100, 100, 30, ONLINE)
     assert status == Status.ERROR and "role mixed, beyond what its join token allows" in detail
     assert "agent.toml" in detail

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from common import wire
+from server.config import unreachable_url_problem
 from server.doors.http import FLEET, errors_middleware, fleet_of
 from server.fleet import Fleet, Refused
 from server.model import AdminState, Host, Token
@@ -105,6 +106,7 @@ async def create_token(request: web.Request) -> web.Response:
         "join": created.join,
         "command": f"virtfleet-agent join '{created.join}'",
         "token": token_view(created.record, []),
+        "warning": unreachable_url_problem(fleet_of(request).config),
     })
 
 

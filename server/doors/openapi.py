@@ -22,6 +22,8 @@ from common import VERSION, wire
 from server.doors.http import fleet_of
 
 OPENAPI_VERSION = "3.1.0"
+# wire.CONTROL_CHARS, refused in names, as a JSON Schema (ECMA-262) pattern.
+NAME_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$"
 MTLS = "agentCertificate"
 
 
@@ -159,6 +161,8 @@ def _type(hint: Any, meta: Any, schemas: dict[str, Any]) -> dict[str, Any]:
         schema: dict[str, Any] = {"type": "string", "maxLength": meta.get("max_len", wire.MAX_TEXT)}
         if meta.get("choices"):
             schema["enum"] = list(meta["choices"])
+        if meta.get("name"):
+            schema["pattern"] = NAME_PATTERN
         return schema
     if hint is bool:
         return {"type": "boolean"}
