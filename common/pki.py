@@ -49,7 +49,3 @@ def load_cert(pem: str | bytes) -> x509.Certificate:
 
 def not_after(cert: x509.Certificate) -> dt.datetime:
     return cert.not_valid_after.replace(tzinfo=dt.UTC)
-
-
-def not_before(cert: x509.Certificate) -> dt.datetime:
-    return cert.not_valid_before.replace(tzinfo=dt.UTC)

@@ -170,23 +170,3 @@ class CertificateAuthority:
         if names.dns or names.ips:
             builder = builder.add_extension(names.extension(), critical=False)
         return builder.sign(self.key, hashes.SHA256())
-
-    def revocation_list(self, revoked: Iterable[tuple[str, float]]) -> x509.CertificateRevocationList:
-        """A CRL of (serial hex, revoked at) entries. It is rewritten whenever the list
-        changes, so its next update is set far ahead: a CRL past its next update would make
-        some TLS stacks distrust every certificate of this CA."""
-        now = dt.datetime.now(dt.UTC)
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(self.cert.subject)
-            .last_update(now - dt.timedelta(minutes=10))
-            .next_update(now + CA_LIFETIME)
-        )
-        for serial, revoked_at in revoked:
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder()
-                .serial_number(int(serial, 16))
-                .revocation_date(dt.datetime.fromtimestamp(revoked_at, dt.UTC))
-                .build()
-            )
-        return builder.sign(self.key, hashes.SHA256())

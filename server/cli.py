@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lifetime of host certificates; agents renew them at 70-90%% (default 30d)")
     s.add_argument("--enroll-rate", type=float, default=20.0, metavar="PER_SECOND",
                    help="enrollments allowed per second from one address (default 20)")
+    s.add_argument("--max-connections-per-address", type=int, default=2048, metavar="N",
+                   help="agent connections one source address may hold at once; hosts behind "
+                        "one NAT address share it (default 2048)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     t = sub.add_parser("token", help="join tokens: create, list, revoke")
@@ -208,7 +211,7 @@ def serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir, listen_host=args.listen[0], listen_port=args.listen[1],
         advertise_url=args.advertise_url, checkin_interval=args.checkin_interval,
         grace=args.grace, identity_cert_lifetime=lifetime, libvirt_cert_lifetime=lifetime,
-        enroll_rate=args.enroll_rate)
+        enroll_rate=args.enroll_rate, max_connections_per_address=args.max_connections_per_address)
     problem = unreachable_url_problem(config)
     if problem and not args.advertise_url:
         return fail(problem)  # a guess that is certainly wrong: refuse it

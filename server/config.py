@@ -24,6 +24,7 @@ class ServerConfig:
     identity_cert_lifetime: dt.timedelta = dt.timedelta(days=30)
     libvirt_cert_lifetime: dt.timedelta = dt.timedelta(days=30)
     enroll_rate: float = 20.0  # enrollments per second per source address (burst 2x)
+    max_connections_per_address: int = 2048
 
     @property
     def admin_socket(self) -> Path:

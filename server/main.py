@@ -25,6 +25,7 @@ from server import memory
 from server.ca import CertificateAuthority
 from server.config import ServerConfig
 from server.doors import admin_api, agent_api
+from server.doors.guard import HANDSHAKE_TIMEOUT, ConnectionGuard, OncePer, raise_file_limit
 from server.fleet import Fleet
 from server.hosts import HostStatus
 from server.links.manager import LinkManager
@@ -175,35 +176,46 @@ def status_line(url: str, counts: dict[str, int]) -> str:
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT (0), or until a background task dies (1)."""
     limit_tls_buffers()
+    files = raise_file_limit()
+    logging.getLogger("asyncio").addFilter(OncePer(10.0, "socket.accept() out of system resource"))
     parts = build(config)
     memory.tune_garbage_collector()
     key, cert = ensure_server_cert(parts.fleet.identity_ca, config.state_dir / "tls",
                                    server_names(config.url, config.listen_host))
-    agent_runner = web.AppRunner(agent_api.create_app(parts.fleet), access_log=None)
+    guard = ConnectionGuard(config.max_connections_per_address)
+    agent_runner = web.AppRunner(agent_api.create_app(parts.fleet, guard), access_log=None)
     admin_runner = web.AppRunner(admin_api.create_admin_app(parts.fleet, parts.links),
                                  access_log=None)
     supervisor = Supervisor()
     loops = Loops(parts, supervisor)
     await agent_runner.setup()
     await admin_runner.setup()
+    assert agent_runner.server is not None
+    guard.install(agent_runner.server)
+    listener: asyncio.Server | None = None
     try:
         parts.links.start(parts.store.list_hosts())
         supervisor.start("offline-sweeper", loops.sweep_forever)
         supervisor.start("checkin-writer", loops.write_checkins_forever)
         supervisor.start("garbage-collector", memory.collect_garbage_forever)
         supervisor.start("watchdog", loops.watchdog_forever)
-        await web.TCPSite(agent_runner, config.listen_host, config.listen_port,
-                          ssl_context=server_context(key, cert, parts.fleet.identity_ca),
-                          backlog=1024).start()
+        # Not aiohttp's TCPSite: it sets no deadline for the TLS handshake.
+        listener = await asyncio.get_running_loop().create_server(
+            agent_runner.server, config.listen_host, config.listen_port, backlog=1024,
+            ssl=server_context(key, cert, parts.fleet.identity_ca),
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT, reuse_address=True)
         await admin_api.start_socket(admin_runner, config.admin_socket)
-        log.info("virtfleet-server listening on %s:%d (join URL %s), admin socket %s",
-                 config.listen_host, config.listen_port, config.url, config.admin_socket)
+        log.info("virtfleet-server listening on %s:%d (join URL %s), admin socket %s; up to %d "
+                 "open files", config.listen_host, config.listen_port, config.url,
+                 config.admin_socket, files)
         notify.ready(f"serving {config.url}")
         failed = await _until_stopped(supervisor)
         log.info("shutting down")
         notify.stopping()
     finally:
         await supervisor.stop()
+        if listener is not None:
+            listener.close()
         await admin_runner.cleanup()
         await agent_runner.cleanup()
         await parts.links.stop()

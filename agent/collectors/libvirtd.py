@@ -7,10 +7,7 @@ from typing import Any
 import libvirt
 
 from agent.collectors import Context, register
-
-
-def version_text(version: int) -> str:
-    return f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
+from common.versions import version_text
 
 
 @register("libvirtd")

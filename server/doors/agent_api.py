@@ -8,6 +8,7 @@ detail, its traceback in the server log only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, TypeVar
 
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from common import wire
 from server.doors import openapi
+from server.doors.guard import BODY_TIMEOUT, ConnectionGuard
 from server.doors.http import FLEET, errors_middleware, fleet_of
 from server.fleet import Fleet, Refused, rate_limited, serial_of
 from server.ratelimit import RateLimiter
@@ -24,7 +26,11 @@ ENROLL_LIMIT = "virtfleet.enroll_rate"
 
 
 async def read_message(request: web.Request, cls: type[T]) -> T:
-    return wire.decode_body(cls, await read_body(request))
+    try:
+        body = await asyncio.wait_for(read_body(request), BODY_TIMEOUT)
+    except TimeoutError:
+        raise Refused(408, "timeout", f"the body did not arrive within {BODY_TIMEOUT:g} s") from None
+    return wire.decode_body(cls, body)
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -93,8 +99,10 @@ async def post_renew(request: web.Request) -> web.Response:
     return json_message(fleet.renew(host, req, peer_address(request)))
 
 
-def create_app(fleet: Fleet) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=wire.MAX_BODY_BYTES)
+def create_app(fleet: Fleet, guard: ConnectionGuard | None = None) -> web.Application:
+    middlewares = [guard.middleware] if guard else []
+    app = web.Application(middlewares=[*middlewares, errors_middleware],
+                          client_max_size=wire.MAX_BODY_BYTES)
     app[FLEET] = fleet
     app[ENROLL_LIMIT] = RateLimiter(fleet.config.enroll_rate)
     app.router.add_get(wire.CA_PATH, get_ca)

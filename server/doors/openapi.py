@@ -43,12 +43,13 @@ REFUSALS = {
          "`message` names the field",
     401: "no client certificate (mTLS) was presented",
     403: "refused: join token, role, or a certificate no host has (forgotten or replaced)",
+    408: "the body did not arrive in time",
     413: f"the body is larger than {wire.MAX_BODY_BYTES} bytes",
     429: "too many requests (enrollments from this address, check-ins or renewals from this "
          "host); the Retry-After header says when to retry",
     503: "the server cannot write its state (disk full or read-only); try again later",
 }
-_WRITES = (400, 413, 503)
+_WRITES = (400, 408, 413, 503)
 
 OPERATIONS = (
     Operation("get", wire.CA_PATH, "The identity CA certificate, to check against the join "

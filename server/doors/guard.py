@@ -1,0 +1,120 @@
+"""What the agent port spends on a connection before it has proved anything.
+
+A TLS connection costs the server a file descriptor and tens of KB before it sends a
+byte, and aiohttp waits forever for a first request: a thousand idle connections (no
+certificate needed) used to lock every agent out. So each connection gets deadlines —
+the TLS handshake, then the first request's headers — and one source address may hold
+only so many connections at once. What remains of an attack is bounded by address
+count × cap × deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+import weakref
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+FIRST_REQUEST_TIMEOUT = 10.0  # from the handshake's end to the first request's headers
+BODY_TIMEOUT = 30.0  # a request's whole body (a check-in is ~1.4 KB)
+MAX_PER_ADDRESS = 2048  # connections one source address may hold at once
+
+
+class ConnectionGuard:
+    """Installed on an aiohttp low-level server (`runner.server`), and as a middleware
+    that marks a connection as having sent its first request."""
+
+    def __init__(self, max_per_address: int = MAX_PER_ADDRESS,
+                 first_request_timeout: float = FIRST_REQUEST_TIMEOUT) -> None:
+        self.max_per_address = max_per_address
+        self.first_request_timeout = first_request_timeout
+        self.per_address: Counter[str] = Counter()
+        self._address: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._served: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.refused = 0  # connections closed for the cap or a deadline
+
+    def install(self, server: web.Server) -> None:
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            self._made(transport)
+
+        def connection_lost(handler: web.RequestHandler, exc: BaseException | None) -> None:
+            if handler.transport is not None:
+                self._lost(handler.transport)
+            lost(handler, exc)
+
+        # aiohttp's request handlers report to their server through these two methods.
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
+
+    def _made(self, transport: asyncio.Transport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if peer else ""
+        if self.per_address[address] >= self.max_per_address:
+            self.refused += 1
+            transport.abort()
+            return
+        self.per_address[address] += 1
+        self._address[transport] = address
+        asyncio.get_running_loop().call_later(self.first_request_timeout, self._deadline, transport)
+
+    def _lost(self, transport: asyncio.Transport) -> None:
+        address = self._address.pop(transport, None)
+        if address is None:
+            return
+        self.per_address[address] -= 1
+        if self.per_address[address] <= 0:
+            del self.per_address[address]
+
+    def _deadline(self, transport: asyncio.Transport) -> None:
+        if transport not in self._served and not transport.is_closing():
+            self.refused += 1
+            transport.abort()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.transport is not None:
+            self._served.add(request.transport)
+        return await handler(request)  # type: ignore[no-any-return]
+
+
+def raise_file_limit() -> int:
+    """Soft limit on open files up to the hard one (each agent holds a connection; the
+    default soft limit of 1024 is reached long before the CPU is): returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+class OncePer(logging.Filter):
+    """Lets a kind of message through once per `seconds`, with how many were dropped:
+    asyncio logs every failed accept() while the process is out of file descriptors."""
+
+    def __init__(self, seconds: float, match: str) -> None:
+        super().__init__()
+        self.seconds, self.match = seconds, match
+        self._last = 0.0
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.match not in record.getMessage():
+            return True
+        now = time.monotonic()
+        if now - self._last < self.seconds:
+            self._dropped += 1
+            return False
+        if self._dropped:
+            record.msg = f"{record.msg} ({self._dropped} more like it in the last {self.seconds:g} s)"
+        self._last, self._dropped = now, 0
+        return True
