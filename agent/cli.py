@@ -41,6 +41,7 @@ examples:
   virtfleet-agent join 'vfjoin1.…'            # the same, but the string shows in `ps` while it runs
   virtfleet-agent run                          # check in forever (what the systemd unit runs)
   virtfleet-agent status                       # is this host healthy? (a monitoring check)
+  virtfleet-agent set-server https://new:8443  # the same server at another URL (the CA pin is checked)
 
 exit codes:
   0  done; `status`: healthy
@@ -97,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="is this host healthy: agent, last check-in, libvirtd now",
                        parents=[shared])
     s.add_argument("--json", action="store_true", help="print JSON")
+    m = sub.add_parser("set-server", parents=[shared],
+                       help="reach this host's server at another URL (a new port or DNS name)",
+                       description="Check that URL serves the CA this host joined (its pin) and "
+                                   "knows this host (a check-in), then use it from now on. Stop "
+                                   "the agent first; start it again after.")
+    m.add_argument("url", help="https://HOST[:PORT] of the same server")
     return p
 
 
@@ -139,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_join(text, config, state, args.force)
     if args.command == "status":
         return cmd_status(config, state, args.json, config_error)
+    if args.command == "set-server":
+        return cmd_set_server(args.url, config, state)
     return asyncio.run(cmd_run(config, state, args.config, once=args.once))
 
 
@@ -232,6 +241,41 @@ def cmd_join(text: str, config: AgentConfig, state: State, force: bool) -> int:
         print(f"the first check-in failed ({outcome.message}); the agent retries when it runs")
     print(f"next: start the agent (systemctl enable --now virtfleet-agent, or "
           f"virtfleet-agent --state-dir {state.dir} run)")
+    return 0
+
+
+def cmd_set_server(url: str, config: AgentConfig, state: State) -> int:
+    """Re-point the host at another URL of the same server: trusted only if it serves the CA
+    the host joined (the pin in agent.json) and accepts this host's identity."""
+    from agent.enroll import JoinError, check_server  # cryptography, for the pin
+
+    url = url.rstrip("/")
+    enrollment = state.enrolled()
+    if enrollment is None:
+        return fail(f"not enrolled (no identity in {state.dir}): run `virtfleet-agent join -`",
+                    EXIT_NOT_ENROLLED)
+    try:
+        lock = _lock_or_say_why(state, joining=True)
+    except PermissionError as exc:
+        return fail(f"set-server failed: {exc} (run as root)")
+    if isinstance(lock, int):
+        return lock
+    try:
+        try:
+            asyncio.run(check_server(url, enrollment.ca_pin))
+        except JoinError as exc:
+            return fail(f"set-server: {exc}")
+        use_enrollment(config, state, enrollment)
+        moved = Enrollment(**(vars(enrollment) | {"server_url": url}))
+        outcome = asyncio.run(check_in_once(config, state, moved))
+        if outcome.answer is None:
+            return fail(f"set-server: {url} serves this host's CA, but the check-in failed: "
+                        f"{outcome.message}; still using {enrollment.server_url}")
+        state.update_enrollment(moved)
+    finally:
+        lock.release()
+    print(f"host {enrollment.host_id} now uses {url} (was {enrollment.server_url}); the server "
+          f"says {outcome.answer.status}. Start the agent again: systemctl start virtfleet-agent")
     return 0
 
 

@@ -36,16 +36,17 @@ class JoinError(Exception):
     """Joining failed; the message says why and what to do."""
 
 
-def check_pin(ca_pem: str, expected: str, url: str) -> None:
+def check_pin(ca_pem: str, expected: str, url: str, source: str = "the join string",
+              unchanged: str = "Nothing was enrolled.") -> None:
     try:
         actual = wire.ca_pin(pki.load_cert(ca_pem).public_key())
     except ValueError:
         raise JoinError(f"{url} sent a CA certificate that cannot be read") from None
     if actual != expected:
         raise JoinError(
-            f"the server at {url} presented a CA with pin {actual}, but the join string "
+            f"the server at {url} presented a CA with pin {actual}, but {source} "
             f"expects {expected}: refusing to trust it. Either this is not the server that "
-            "made the token, or someone is in between. Nothing was enrolled.")
+            f"made the token, or someone is in between. {unchanged}")
 
 
 def token_role(token: str) -> str | None:
@@ -73,6 +74,20 @@ def choose_role(given: str, token_limit: str | None, joined: str | None) -> str:
                             f"--role {token_limit}")
         return joined
     return token_limit or "mixed"
+
+
+async def check_server(url: str, ca_pin: str) -> None:
+    """Whether `url` serves the CA with `ca_pin` (set-server: the same server, elsewhere)."""
+    try:  # the URL rule join strings follow
+        wire.JoinString.decode(wire.JoinString(url=url, ca_pin=ca_pin, token="-").encode())
+    except wire.WireError as exc:
+        raise JoinError(str(exc).replace("join string: ", "")) from None
+    try:
+        ca_pem = await fetch_ca(url)
+    except ServerError as exc:
+        raise JoinError(str(exc)) from None
+    check_pin(ca_pem, ca_pin, url, "this host's agent.json (the CA it joined)",
+              "Nothing was changed.")
 
 
 async def join(text: str, config: AgentConfig, state: State, force: bool = False) -> Enrollment:

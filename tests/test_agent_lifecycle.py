@@ -191,3 +191,28 @@ def test_a_refused_role_says_what_to_change_and_not_to_join_again(
     assert f"role = 'mixed' in {agent.config}" in status and "no new join needed" in status
     assert "join --force" not in status
     assert agent.proc is not None and agent.proc.alive()  # a setting to fix, not an identity gone
+
+
+def test_set_server_moves_the_host_to_another_url_of_the_same_server_only(
+        start_server: Callable[..., Server], make_agent: MakeAgent, tmp_path: Path) -> None:
+    server, stranger = start_server(), start_server(state=tmp_path / "stranger")
+    agent = make_agent("hv-moves", None)
+    assert agent.join(server.token()).returncode == 0
+    host_id = agent.host_id()
+    # Another server (another CA) at a new URL: refused, nothing changed.
+    result = agent.run_cmd("set-server", stranger.url)
+    assert result.returncode == 1 and "refusing to trust it" in result.stderr, result.stderr
+    assert "Nothing was changed" in result.stderr
+    assert json.loads((agent.state / "agent.json").read_text())["server_url"] == server.url
+    assert agent.run_cmd("set-server", "http://x").returncode == 1
+    # The same server by another name (its HTTPS certificate names localhost too).
+    moved = f"https://localhost:{server.port}"
+    before = server.host(host_id)["last_checkin"]
+    result = agent.run_cmd("set-server", moved)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((agent.state / "agent.json").read_text())["server_url"] == moved
+    assert server.host(host_id)["last_checkin"] > before  # it checked in there first
+    started = time.time()
+    agent.start()
+    wait_for(lambda: checked_in_since(server, host_id, started), 10, "check-ins at the new URL")
+    assert "server https://localhost" in (agent.proc.log() if agent.proc else "")
