@@ -37,6 +37,7 @@ from agent.cli import read_join
 from agent.collectors import host
 from agent.config import AgentConfig, ConfigError
 from agent.enroll import JoinError, choose_role, token_role
+from agent.runner import Runner
 from agent.state import Enrollment, State, cert_not_after, client_context
 from common import pki, wire
 from tests.harness import free_port, wait_for
@@ -594,3 +595,48 @@ def test_the_lock_is_held_by_one_process_and_dies_with_it(tmp_path: Path) -> Non
     mine.release()
     assert State(tmp_path / "none").lock().holder() is None  # no file: nobody, nothing made
     assert not (tmp_path / "none").exists()
+
+
+def test_a_check_in_asked_to_renew_neither_waits_for_the_renewal_nor_comes_back_at_once(
+        tmp_path: Path) -> None:
+    """The renewal runs in the certificate manager's task, with its own deadline: a slow one
+    does not hold the check-in (nor its hung-check-in watchdog), and a negative interval
+    from the server is clamped."""
+    state = _identity(tmp_path, 30 * 86400)
+    config = AgentConfig(role="mixed", hostname="hv", state_dir=state.dir)
+    config.libvirt.uri, config.libvirt.configure_tls = "test:///default", False
+    enrollment = Enrollment(host_id="h1", server_url="https://127.0.0.1:1", ca_pin="p",
+                            role="mixed", enrolled_at=0)
+    day_ago = time.time() - 86400
+    os.utime(state.identity, (day_ago, day_ago))
+    answer = wire.CheckinResponse(host_id="h1", status="online", detail="", role="mixed",
+                                  checkin_interval=-1, renew=True)
+
+    async def scenario() -> tuple[float | None, float, bool]:
+        runner = Runner(config, state, enrollment)
+        renewing = asyncio.Event()
+
+        async def checkin(_report: wire.Report) -> wire.CheckinResponse:
+            return answer
+
+        async def slow_renewal() -> None:
+            renewing.set()
+            await asyncio.sleep(60)
+
+        runner.client.checkin = checkin  # type: ignore[method-assign]
+        runner.certs._renew = slow_renewal  # type: ignore[method-assign]
+        runner.certs.start()
+        try:
+            started = time.monotonic()
+            delay = await runner.checkin_once()
+            took = time.monotonic() - started
+            await asyncio.wait_for(renewing.wait(), 5)  # asked for, and under way elsewhere
+            return delay, took, runner._healthy()
+        finally:
+            await runner.certs.stop()
+            runner.client.close()
+            await asyncio.to_thread(runner.local.close)
+
+    delay, took, healthy = asyncio.run(scenario())
+    assert delay == MIN_INTERVAL and took < 5 and healthy
+    assert json.loads((state.dir / "status.json").read_text())["status"] == "online"
