@@ -232,6 +232,12 @@ def test_host_facts_read_from_proc_as_psutil_reads_them() -> None:
     assert data["cpu_threads"] == psutil.cpu_count(logical=True)
     assert data["memory_total"] == psutil.virtual_memory().total
     assert data["boot_time"] == psutil.boot_time()
+    # The model this machine's /proc/cpuinfo names (parse_cpu_model returns "" when none
+    # does, so "is not None" could not fail).
+    model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                 .splitlines() if line.startswith("model name"))
+    assert model and data["cpu_model"] == model
+    assert host.parse_cpu_model("processor\t: 0\n") == ""
 
 
 def test_host_fact_parsers(tmp_path: Path) -> None:
