@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from common import wire
 from common.logs import event
 from server.model import AdminState, Connection, Host, LinkState, Status
+from server.ratelimit import RateLimiter
 from server.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 500  # status changes per transaction; the event loop runs between batches
+LOG_RATE, LOG_BURST = 0.1, 6.0  # status lines per second per host, and the burst allowed
 
 
 def _clock(ts: float) -> str:
@@ -93,8 +95,11 @@ class HostStatus:
         self.links = links
         # A restart is not the hosts' fault: they get a full grace period from it.
         self.started_at = time.time()
-        # What was last logged per host: a retry loop failing the same way is one line.
+        # What was last logged per host: a retry loop failing the same way is one line,
+        # and a host whose status churns gets a few lines a minute, not one per change.
         self._logged: dict[str, tuple[str, str]] = {}
+        self._log_budget = RateLimiter(LOG_RATE, LOG_BURST)
+        self._unlogged: dict[str, int] = {}
 
     def last_seen(self, host: Host) -> float:
         seen = host.last_checkin or host.enrolled_at
@@ -141,11 +146,19 @@ class HostStatus:
         said = (change.status, change.detail)
         if change.record and self._logged.get(host.id) != said:
             self._logged[host.id] = said
-            level = logging.WARNING if change.status in (Status.ERROR, Status.OFFLINE) else logging.INFO
-            event(log, "status_changed", "host %s (%s): %s -> %s: %s", host.hostname, host.id,
-                  host.status, change.status, change.detail, level=level, host_id=host.id,
-                  status=change.status, reason=change.detail)
+            self._log_change(host, change)
         host.status, host.detail, host.status_since = change.status, change.detail, change.since
+
+    def _log_change(self, host: Host, change: Change) -> None:
+        if not self._log_budget.allow(host.id):
+            self._unlogged[host.id] = self._unlogged.get(host.id, 0) + 1
+            return
+        skipped = self._unlogged.pop(host.id, 0)
+        more = f" ({skipped} earlier changes not logged: see hosts show)" if skipped else ""
+        level = logging.WARNING if change.status in (Status.ERROR, Status.OFFLINE) else logging.INFO
+        event(log, "status_changed", "host %s (%s): %s -> %s: %s%s", host.hostname, host.id,
+              host.status, change.status, change.detail, more, level=level, host_id=host.id,
+              status=change.status, reason=change.detail)
 
     async def sweep(self) -> None:
         """Mark hosts whose check-ins stopped as offline (and offline hosts that checked in

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # The watchdog is pinged only while the sweep keeps finishing: a stalled loop or a hung
 # store stops the pings and systemd restarts the server.
 SWEEP_STALE = 30.0
+PRUNE_EVERY = 3600.0
 
 
 @dataclass
@@ -158,6 +159,17 @@ class Loops:
                     log.info("check-ins are written again")
                 failing = False
 
+    async def prune_forever(self) -> None:
+        while True:
+            try:
+                gone = self.parts.store.prune(time.time())
+            except StoreError as exc:
+                log.error("pruning the store failed: %s", exc)
+            else:
+                if gone:
+                    log.info("pruned %d expired certificate and token records", gone)
+            await asyncio.sleep(PRUNE_EVERY)
+
     async def watchdog_forever(self) -> None:
         interval = notify.watchdog_interval() or 5.0
         while True:
@@ -199,6 +211,7 @@ async def serve(config: ServerConfig) -> int:
         supervisor.start("checkin-writer", loops.write_checkins_forever)
         supervisor.start("garbage-collector", memory.collect_garbage_forever)
         supervisor.start("watchdog", loops.watchdog_forever)
+        supervisor.start("store-pruner", loops.prune_forever)
         # Not aiohttp's TCPSite: it sets no deadline for the TLS handshake.
         listener = await asyncio.get_running_loop().create_server(
             agent_runner.server, config.listen_host, config.listen_port, backlog=1024,

@@ -550,3 +550,15 @@ def test_the_server_exits_non_zero_naming_a_background_task_that_died(
     code = asyncio.run(asyncio.wait_for(server_main_mod.serve(config), 20))
     assert code == 1
     assert "background task garbage-collector stopped: RuntimeError('collector broke')" in caplog.text
+
+
+def test_expired_certificates_and_unused_old_tokens_are_pruned(tmp_path: Path) -> None:
+    store = store_with(tmp_path, [make_host(cert_serial="i", libvirt_cert_serial="a1",
+                                            libvirt_cert_not_after=1000.0)])
+    store.update_host("h1", libvirt_cert_serial="a2", libvirt_cert_not_after=1e12)
+    store.add_token(Token(jti="old", role="mixed", auto_enable=True, max_uses=1, uses=0,
+                          created_at=0, expires_at=10, revoked_at=None, description=""))
+    assert store.prune(now=1000.0 + 86400 * 40) == 2  # a1 and the unused expired token
+    assert [r[0] for r in store.db.execute("SELECT serial FROM libvirt_certs")] == ["a2"]
+    assert {t.jti for t in store.list_tokens()} == {"t1"}  # h1 joined with it: kept
+    store.close()

@@ -316,6 +316,17 @@ class SqliteStore:
                 for r in reversed(rows)]
 
 
+    def prune(self, now: float) -> int:
+        """Forget what can matter no more: libvirtd certificates expired a day ago, and
+        tokens that expired a month ago and no known host joined with. Returns rows gone."""
+        with self.transaction() as db:
+            gone = db.execute("DELETE FROM libvirt_certs WHERE not_after < ?",
+                              (now - 86400,)).rowcount
+            gone += db.execute("DELETE FROM tokens WHERE expires_at < ? AND jti NOT IN "
+                               "(SELECT token_jti FROM hosts)", (now - 30 * 86400,)).rowcount
+        return int(gone)
+
+
 def _token(row: sqlite3.Row) -> Token:
     return Token(**{k: row[k] for k in row.keys()} | {"auto_enable": bool(row["auto_enable"])})
 
