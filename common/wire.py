@@ -23,7 +23,10 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PUBLIC_KEY_TYPES
 
-PROTOCOL_VERSION = 1
+# 2: check-in answers carry `server_urls` (left out for agents of protocol 1, which refuse
+# a field they do not know).
+PROTOCOL_VERSION = 2
+OLDEST_PROTOCOL = 1  # the oldest agents this server still serves
 
 CA_PATH = "/v1/ca"
 ENROLL_PATH = "/v1/enroll"
@@ -83,6 +86,15 @@ def _text(max_len: int = MAX_TEXT, *, choices: tuple[str, ...] = (), default: An
     return field(default=default, metadata={"max_len": max_len, "choices": choices, "name": name})
 
 
+MAX_URLS = 16
+
+
+def _urls() -> Any:
+    """A list of https URLs (at most MAX_URLS), empty by default."""
+    return field(default_factory=list, metadata={"max_len": 1024, "max_items": MAX_URLS,
+                                                 "url": True})
+
+
 # What a terminal would act on rather than show: C0 and C1 controls (escape sequences,
 # OSC 52 clipboard writes) and the bidirectional overrides that reorder a line.
 CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -127,14 +139,14 @@ class JoinString:
 _PIN = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-def _check_url(url: str) -> None:
+def _check_url(url: str, what: str = "join string: server url") -> None:
     try:
         parts = urlsplit(url)
         usable = parts.scheme == "https" and bool(parts.hostname) and parts.port != 0
     except ValueError:  # "Invalid IPv6 URL", a port out of range
         usable = False
     if not usable:
-        raise WireError(f"join string: server url {url[:100]!r} must be https://HOST[:PORT]")
+        raise WireError(f"{what} {url[:100]!r} must be https://HOST[:PORT]")
 
 
 # ---------------------------------------------------------------------------
@@ -219,6 +231,10 @@ class CheckinResponse:
     role: str = _text(choices=ROLES)
     checkin_interval: float = 10.0
     renew: bool = False
+    # Where this server can be reached, best first: an agent whose URL is not among them
+    # moves to the first (same CA, so the same trust), so a server can move without
+    # every host joining again.
+    server_urls: list[str] = _urls()
 
 
 @dataclass(kw_only=True)
@@ -312,12 +328,26 @@ def _value(hint: Any, value: Any, path: str, meta: Any, ignore_unknown: bool = F
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise WireError(f"{path}: expected a number, got {_kind(value)}")
         return float(value)
+    if origin is list:
+        return _list(typing.get_args(hint)[0], value, path, meta)
     if origin is dict:
         if not isinstance(value, dict):
             raise WireError(f"{path}: expected a JSON object, got {_kind(value)}")
         _check_tree(value, path)
         return value
     raise TypeError(f"wire: no rule for {hint!r} at {path}")  # a bug in this module
+
+
+def _list(item: Any, value: Any, path: str, meta: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise WireError(f"{path}: expected a list, got {_kind(value)}")
+    if len(value) > meta.get("max_items", 0):
+        raise WireError(f"{path}: more than {meta.get('max_items', 0)} items")
+    items = [_value(item, v, f"{path}[{i}]", meta) for i, v in enumerate(value)]
+    if meta.get("url"):
+        for i, url in enumerate(items):
+            _check_url(url, f"{path}[{i}]")
+    return items
 
 
 def _check_text(value: str, path: str) -> None:

@@ -245,6 +245,7 @@ class Fleet:
             checkin_interval=checkin_delay(host.id, now, self.config.checkin_interval),
             # The host moved: its libvirtd certificate no longer names the address we dial.
             renew=host.libvirt_cert_address not in (None, address),
+            server_urls=[self.config.url],
         )
 
     def public_detail(self, host: Host) -> str:

@@ -371,3 +371,17 @@ def test_checkin_with_a_role_beyond_the_token_is_refused(server: Server,
     # The server says why too (not "offline: is the agent running?").
     assert host["status"] == "error" and "asks for role mixed, beyond what its join token" \
         in host["detail"], host["detail"]
+
+
+def test_check_in_answers_name_the_server_urls_to_agents_that_know_them(
+        server: Server, make_agent: MakeAgent) -> None:
+    agent = make_agent("urls", None)
+    assert agent.join(server.token()).returncode == 0
+    report = {"hostname": "urls", "role": "mixed", "agent_version": "old", "libvirtd": {"ok": True}}
+    cert = agent.state / "identity.pem"
+    status, new = post(server, wire.CHECKIN_PATH, json.dumps({"report": report}).encode(), cert=cert)
+    assert status == 200 and new["server_urls"] == [server.url]
+    # An agent of protocol 1 refuses fields it does not know: it gets none.
+    status, old = post(server, wire.CHECKIN_PATH,
+                       json.dumps({"report": report, "protocol": 1}).encode(), cert=cert)
+    assert status == 200 and "server_urls" not in old

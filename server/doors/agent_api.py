@@ -75,9 +75,9 @@ async def post_enroll(request: web.Request) -> web.Response:
     if not limiter.allow(address):
         raise rate_limited(limiter, address, "enrollments from this address")
     req = await read_message(request, wire.EnrollRequest)
-    if req.protocol != wire.PROTOCOL_VERSION:
-        raise Refused(400, "protocol", f"protocol {req.protocol} is not supported "
-                                       f"(this server speaks {wire.PROTOCOL_VERSION})")
+    if not wire.OLDEST_PROTOCOL <= req.protocol <= wire.PROTOCOL_VERSION:
+        raise Refused(400, "protocol", f"protocol {req.protocol} is not supported (this server "
+                                       f"speaks {wire.OLDEST_PROTOCOL} to {wire.PROTOCOL_VERSION})")
     fleet = fleet_of(request)
     # An enrolled host joining again presents its identity: it is replaced in place.
     serial = peer_serial(request)
@@ -89,7 +89,10 @@ async def post_checkin(request: web.Request) -> web.Response:
     fleet = fleet_of(request)
     host = fleet.host_for_certificate(peer_serial(request))
     req = await read_message(request, wire.CheckinRequest)
-    return json_message(fleet.checkin(host, req, peer_address(request)))
+    answer = wire.to_json(fleet.checkin(host, req, peer_address(request)))
+    if req.protocol < 2:
+        del answer["server_urls"]  # an agent of protocol 1 refuses a field it does not know
+    return web.json_response(answer, dumps=_compact)
 
 
 async def post_renew(request: web.Request) -> web.Response:

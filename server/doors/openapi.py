@@ -171,6 +171,13 @@ def _type(hint: Any, meta: Any, schemas: dict[str, Any]) -> dict[str, Any]:
         return {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
     if hint is float:
         return {"type": "number"}
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        schema = {"type": "array", "items": _type(item, meta, schemas),
+                  "maxItems": meta.get("max_items", 0)}
+        if meta.get("url"):
+            schema["items"] = {**schema["items"], "pattern": "^https://"}
+        return schema
     if typing.get_origin(hint) is dict:
         return {"type": "object", "description": f"free-form JSON, at most {wire.MAX_DEPTH} levels deep"}
     raise TypeError(f"openapi: no schema for {hint!r}")  # wire grew a type: describe it here
