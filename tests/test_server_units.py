@@ -20,7 +20,7 @@ from server import main as server_main_mod
 from server import memory
 from server.cli import build_parser as server_parser
 from server.cli import main as server_main
-from server.config import ServerConfig
+from server.config import ServerConfig, unreachable_url_problem
 from server.fleet import checkin_delay
 from server.hosts import SWEEP_BATCH, HostStatus, derive
 from server.links.direct import DialError, Target, dial
@@ -562,3 +562,16 @@ def test_expired_certificates_and_unused_old_tokens_are_pruned(tmp_path: Path) -
     assert [r[0] for r in store.db.execute("SELECT serial FROM libvirt_certs")] == ["a2"]
     assert {t.jti for t in store.list_tokens()} == {"t1"}  # h1 joined with it: kept
     store.close()
+
+
+def test_a_join_url_only_this_machine_can_reach_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("socket.getfqdn", lambda: "localhost")  # /etc/hosts: name -> 127.0.0.1
+    code = server_main(["serve", "--state-dir", str(tmp_path), "--listen", "0.0.0.0:8443"])
+    err = capsys.readouterr().err
+    assert code == 1 and "https://localhost:8443, which names this machine's loopback" in err
+    assert "--advertise-url" in err and not (tmp_path / "state.db").exists()
+    # Listening on loopback only, a loopback URL is right.
+    assert unreachable_url_problem(ServerConfig(listen_host="127.0.0.1")) == ""
+    assert unreachable_url_problem(ServerConfig(listen_host="0.0.0.0",
+                                                advertise_url="https://vdi.example.org:8443")) == ""
