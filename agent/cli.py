@@ -182,7 +182,7 @@ def _join_text(raw: bytes, source: str) -> str:
     return text
 
 
-def _lock_or_say_why(state: State, joining: bool) -> Any:
+def _lock_or_say_why(state: State, doing: str | None) -> Any:
     """Take the state dir's lock (the returned object), or return an exit code after saying
     who holds it and what to do."""
     state.prepare()
@@ -193,10 +193,10 @@ def _lock_or_say_why(state: State, joining: bool) -> Any:
     if not _is_run(pid):
         return fail(f"another virtfleet-agent (pid {pid}) is acting for {state.dir}: wait for it "
                     "to finish, then try again")
-    if joining:
-        return fail(f"virtfleet-agent run is running for {state.dir} (pid {pid}): joining now "
+    if doing:
+        return fail(f"virtfleet-agent run is running for {state.dir} (pid {pid}): {doing} now "
                     "would change this host's identity under it. Stop it first (systemctl stop "
-                    f"virtfleet-agent, or kill {pid}), join, then start it again (systemctl "
+                    f"virtfleet-agent, or kill {pid}), try again, then start it again (systemctl "
                     "start virtfleet-agent)")
     return fail(f"virtfleet-agent run is already running for {state.dir} (pid {pid}): one "
                 "agent per host (its state: virtfleet-agent status)")
@@ -216,7 +216,7 @@ def cmd_join(text: str, config: AgentConfig, state: State, force: bool) -> int:
     from agent.enroll import JoinError, join
 
     try:
-        lock = _lock_or_say_why(state, joining=True)
+        lock = _lock_or_say_why(state, "joining")
     except PermissionError as exc:
         return fail(f"join failed: {exc} (run as root)")
     if isinstance(lock, int):
@@ -255,7 +255,7 @@ def cmd_set_server(url: str, config: AgentConfig, state: State) -> int:
         return fail(f"not enrolled (no identity in {state.dir}): run `virtfleet-agent join -`",
                     EXIT_NOT_ENROLLED)
     try:
-        lock = _lock_or_say_why(state, joining=True)
+        lock = _lock_or_say_why(state, "moving it to another server URL")
     except PermissionError as exc:
         return fail(f"set-server failed: {exc} (run as root)")
     if isinstance(lock, int):
@@ -298,7 +298,7 @@ def use_enrollment(config: AgentConfig, state: State, enrollment: Enrollment) ->
 
 async def cmd_run(config: AgentConfig, state: State, config_path: Path,
                   once: bool = False) -> int:
-    lock = _lock_or_say_why(state, joining=False)
+    lock = _lock_or_say_why(state, None)
     if isinstance(lock, int):
         return lock
     try:
