@@ -102,6 +102,33 @@ async def check_in(client: ServerClient, config: AgentConfig, state: State,
     return Outcome(report, answer=answer)
 
 
+async def follow_server(answer: wire.CheckinResponse, enrollment: Enrollment, state: State,
+                        config: AgentConfig, local: LocalLibvirt,
+                        certs: CertManager) -> ServerClient | None:
+    """The server names the URLs it answers at (`server_urls`, best first); one that does
+    not name this host's URL is moving. The host follows to the first, once a check-in
+    there worked (the same pinned CA verifies it: no new trust), and keeps it in
+    agent.json. A client for the new URL if it moved, else None."""
+    urls = answer.server_urls
+    if not urls or enrollment.server_url in urls or enrollment.server_url_by_hand:
+        return None
+    trial = ServerClient(urls[0], certs.current)
+    outcome = await check_in(trial, config, state, local)
+    if outcome.answer is None:
+        trial.close()
+        log.warning("the server names %s as its URL, but this host cannot check in there (%s): "
+                    "it stays with %s", urls[0], outcome.message, enrollment.server_url)
+        return None
+    log.info("the server moved: this host now checks in with %s (was %s)", urls[0],
+             enrollment.server_url)
+    enrollment.server_url = certs.url = urls[0]
+    try:
+        state.update_enrollment(enrollment)
+    except OSError as exc:
+        log.warning("cannot save the server's new URL: %s", exc)
+    return trial
+
+
 class StatusBook:
     """status.json: the last check-in, its result and when each fact was seen, for
     `virtfleet-agent status` (which reads it from another process)."""

@@ -266,7 +266,7 @@ def cmd_set_server(url: str, config: AgentConfig, state: State) -> int:
         except JoinError as exc:
             return fail(f"set-server: {exc}")
         use_enrollment(config, state, enrollment)
-        moved = Enrollment(**(vars(enrollment) | {"server_url": url}))
+        moved = Enrollment(**(vars(enrollment) | {"server_url": url, "server_url_by_hand": True}))
         outcome = asyncio.run(check_in_once(config, state, moved))
         if outcome.answer is None:
             return fail(f"set-server: {url} serves this host's CA, but the check-in failed: "

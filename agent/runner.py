@@ -22,12 +22,12 @@ import logging
 import time
 
 from agent.certs import CertManager, renewal_time
-from agent.checkin import Outcome, StatusBook, Verdict, check_in, clamp_interval
+from agent.checkin import Outcome, StatusBook, Verdict, check_in, clamp_interval, follow_server
 from agent.client import ServerClient
 from agent.config import AgentConfig
 from agent.local_libvirt import LocalLibvirt
 from agent.state import Enrollment, State
-from common import notify
+from common import notify, wire
 from common.backoff import Backoff
 from common.logs import event
 
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 REFUSED_WAIT = 300.0  # refused (not for its identity): retrying is noise, but do notice a fix
 LIBVIRTD_PROBE = 1.0
+# The server named a URL this host could not check in at: try it again this much later.
+MOVE_RETRY = 600.0
 # A check-in (collecting facts and one call) running longer than this hangs: the watchdog
 # pings stop and systemd restarts the agent. Renewals have their own deadline.
 HUNG_CHECKIN = 180.0
@@ -65,6 +67,7 @@ class Runner:
         self.reported_libvirtd_ok: bool | None = None  # what the server last heard
         self._reported_down = asyncio.Event()
         self._libvirtd_up: bool | None = None  # as last seen, for the up/down events
+        self._move_tried = -MOVE_RETRY  # monotonic time of the last try at a new server URL
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -116,7 +119,20 @@ class Runner:
         self._saw_libvirtd(outcome.report.libvirtd.ok)
         delay = self._succeeded(outcome) if outcome.ok else self._failed(outcome)
         self.book.record(outcome, delay)
+        if outcome.answer is not None and time.monotonic() - self._move_tried >= MOVE_RETRY:
+            await self._follow(outcome.answer)
         return delay
+
+    async def _follow(self, answer: wire.CheckinResponse) -> None:
+        """Move to the URL the server names, if it names another."""
+        moved = await follow_server(answer, self.enrollment, self.state, self.config,
+                                    self.local, self.certs)
+        if moved is None:
+            if answer.server_urls and self.enrollment.server_url not in answer.server_urls:
+                self._move_tried = time.monotonic()  # failed, or set by hand: not every tick
+            return
+        self.client.close()
+        self.client = moved
 
     def _succeeded(self, outcome: Outcome) -> float:
         answer = outcome.answer

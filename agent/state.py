@@ -39,6 +39,9 @@ class Enrollment:
     # The name given at join (or set in agent.toml since), reported on every check-in.
     # "" in an agent.json from before it was kept: the machine's hostname.
     hostname: str = ""
+    # server_url was chosen with `set-server`: the URLs the server names in its answers
+    # do not move it (a new join clears it).
+    server_url_by_hand: bool = False
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Enrollment:

@@ -214,5 +214,29 @@ def test_set_server_moves_the_host_to_another_url_of_the_same_server_only(
     assert server.host(host_id)["last_checkin"] > before  # it checked in there first
     started = time.time()
     agent.start()
-    wait_for(lambda: checked_in_since(server, host_id, started), 10, "check-ins at the new URL")
+    wait_for(lambda: checked_in_since(server, host_id, started + 1), 10, "check-ins at the new URL")
     assert "server https://localhost" in (agent.proc.log() if agent.proc else "")
+    # Set by hand: the URL the server names (its --advertise-url, 127.0.0.1) does not move it.
+    assert json.loads((agent.state / "agent.json").read_text())["server_url"] == moved
+
+
+def test_hosts_follow_a_server_given_a_new_url(start_server: Callable[..., Server],
+                                              make_agent: MakeAgent) -> None:
+    """The server names its URL in every check-in answer: a host still using the old one
+    moves, once a check-in at the new one worked, and stays moved after a restart."""
+    server = start_server()
+    agent = make_agent("hv-follows", None)
+    assert agent.join(server.token()).returncode == 0
+    host_id = agent.host_id()
+    server.proc.stop()
+    new_url = f"https://localhost:{server.port}"
+    start_server("--checkin-interval", "1", "--grace", "4", "--advertise-url", new_url,
+                 state=server.state, port=server.port)
+    agent.start()
+    wait_for(lambda: json.loads((agent.state / "agent.json").read_text())["server_url"] == new_url,
+             15, "the host to follow the new URL")
+    assert agent.proc is not None
+    assert f"the server moved: this host now checks in with {new_url}" in agent.proc.log()
+    moved_at = time.time()
+    wait_for(lambda: checked_in_since(server, host_id, moved_at + 1), 10, "check-ins after the move")
+    assert agent.proc.alive()

@@ -392,7 +392,7 @@ def test_any_answer_is_a_clear_server_error(serve: Callable[..., Server], status
 
 
 def test_fields_a_newer_server_adds_are_ignored(serve: Callable[..., Server]) -> None:
-    agent = serve(lambda _h: (200, {}, json.dumps(ANSWER | {"server_urls": ["x"]}).encode())).client()
+    agent = serve(lambda _h: (200, {}, json.dumps(ANSWER | {"added_later": ["x"]}).encode())).client()
     assert asyncio.run(agent.checkin(REPORT)).host_id == "h1"
     agent.close()
 
