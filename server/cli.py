@@ -21,7 +21,13 @@ from urllib.parse import quote
 
 from common import VERSION, logs, wire
 from common.cli import ago, duration, fail, print_json, printable, table, when
-from server.config import DEFAULT_PORT, DEFAULT_STATE_DIR, ServerConfig, unreachable_url_problem
+from server.config import (
+    DEFAULT_PORT,
+    DEFAULT_RUN_DIR,
+    DEFAULT_STATE_DIR,
+    ServerConfig,
+    unreachable_url_problem,
+)
 
 EPILOG = """\
 examples:
@@ -147,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a host with no check-in for this long is offline (default 30s)")
     s.add_argument("--cert-lifetime", type=duration, default=30 * 86400.0, metavar="DURATION",
                    help="lifetime of host certificates; agents renew them at 70-90%% (default 30d)")
+    s.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, metavar="DIR",
+                   help="where the gateway's sockets (DIR/hosts/HOST_ID.sock) and the engine API "
+                        f"(DIR/engine.sock) live (default {DEFAULT_RUN_DIR})")
+    s.add_argument("--engine-group", default="virtfleet-engine", metavar="GROUP",
+                   help="the group whose members may use the gateway and the engine API "
+                        "(default virtfleet-engine)")
     s.add_argument("--enroll-rate", type=float, default=20.0, metavar="PER_SECOND",
                    help="enrollments allowed per second from one address (default 20)")
     s.add_argument("--max-connections-per-address", type=int, default=2048, metavar="N",
@@ -170,10 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr = tsub.add_parser("revoke", help="revoke a token: no more hosts join with it", parents=[shared])
     tr.add_argument("id", type=reference, help="token id, or a unique prefix of it")
 
-    h = sub.add_parser("hosts", help="hosts: list, show, enable, disable, forget, set-role")
+    h = sub.add_parser("hosts", help="hosts: list, show, uri, enable, disable, forget, set-role")
     hsub = _Commands(h.add_subparsers(dest="hosts_command", required=True, metavar="ACTION"))
     hsub.add_parser("list", help="every host with its status and last check-in", parents=[shared])
     for name, text in [("show", "everything known about a host, with its status history"),
+                       ("uri", "the libvirt URI of the host's gateway socket, for virsh or an engine"),
                        ("enable", "enable a host (approve a pending one): open its connection"),
                        ("disable", "disable a host: close its connection"),
                        ("forget", "remove a host; its certificate is refused from now on")]:
@@ -211,7 +224,8 @@ def serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir, listen_host=args.listen[0], listen_port=args.listen[1],
         advertise_url=args.advertise_url, checkin_interval=args.checkin_interval,
         grace=args.grace, identity_cert_lifetime=lifetime, libvirt_cert_lifetime=lifetime,
-        enroll_rate=args.enroll_rate, max_connections_per_address=args.max_connections_per_address)
+        enroll_rate=args.enroll_rate, max_connections_per_address=args.max_connections_per_address,
+        run_dir=args.run_dir, engine_group=args.engine_group)
     problem = unreachable_url_problem(config)
     if problem and not args.advertise_url:
         return fail(problem)  # a guess that is certainly wrong: refuse it
@@ -283,6 +297,11 @@ def hosts_command(args: argparse.Namespace, state: Path) -> int:
              _short(h["detail"])) for h in hosts]))
         return 0
     ref = quote(args.id, safe="")
+    if action == "uri":
+        data = admin_call(state, "GET", f"/v1/hosts/{ref}")
+        print_json({"id": data["id"], "gateway_uri": data["gateway_uri"]}) if args.json \
+            else print(data["gateway_uri"])
+        return 0
     if action == "show":
         data = admin_call(state, "GET", f"/v1/hosts/{ref}")
     elif action == "set-role":
@@ -363,6 +382,9 @@ def render_host(h: dict[str, Any]) -> str:
         + (f", libvirt {conn['remote_libvirt_version']}" if conn.get("remote_libvirt_version") else "")
         + (f", since {when(conn['connected_since'])}" if conn.get("connected_since") else ""),
     ]
+    gateway = h.get("gateway") or {}
+    lines.append(f"  gateway:       {h.get('gateway_uri')} ({gateway.get('open', 0)} open, "
+                 f"{gateway.get('accepted', 0)} relayed, {gateway.get('refused', 0)} refused)")
     if conn.get("last_error"):
         tries = f", {conn['tries']} tries" if conn.get("tries", 0) > 1 else ""
         lines.append(f"  last error:    {conn['last_error']} ({ago(conn.get('last_error_at'))}{tries})")

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 DEFAULT_STATE_DIR = Path("/var/lib/virtfleet-server")
 DEFAULT_PORT = 8443
+DEFAULT_RUN_DIR = Path("/run/virtfleet-server")
 
 
 @dataclass
@@ -25,6 +26,8 @@ class ServerConfig:
     libvirt_cert_lifetime: dt.timedelta = dt.timedelta(days=30)
     enroll_rate: float = 20.0  # enrollments per second per source address (burst 2x)
     max_connections_per_address: int = 2048
+    run_dir: Path = DEFAULT_RUN_DIR  # the gateway's and the engine API's sockets
+    engine_group: str = "virtfleet-engine"  # who may use them
 
     @property
     def admin_socket(self) -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from common import wire
@@ -89,8 +89,11 @@ class HostStatus:
     """Re-derives and records hosts' status. `links`: each host's connection state, as the
     link manager keeps it (read here, written there)."""
 
-    def __init__(self, store: Store, grace: float, links: Mapping[str, Connection]) -> None:
+    def __init__(self, store: Store, grace: float, links: Mapping[str, Connection],
+                 on_change: Callable[[Host], object] = lambda _host: None) -> None:
+        """`on_change(host)`: after each change of a host's status or detail."""
         self.store = store
+        self.on_change = on_change
         self.grace = grace
         self.links = links
         # A restart is not the hosts' fault: they get a full grace period from it.
@@ -148,6 +151,7 @@ class HostStatus:
             self._logged[host.id] = said
             self._log_change(host, change)
         host.status, host.detail, host.status_since = change.status, change.detail, change.since
+        self.on_change(host)
 
     def _log_change(self, host: Host, change: Change) -> None:
         if not self._log_budget.allow(host.id):

@@ -13,8 +13,9 @@ import contextlib
 import functools
 import logging
 import signal
+import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,15 +24,19 @@ from aiohttp import web
 from common import notify
 from server import memory
 from server.ca import CertificateAuthority
+from server.changes import ChangeLog
 from server.config import ServerConfig
-from server.doors import admin_api, agent_api
+from server.doors import admin_api, agent_api, engine_api
+from server.doors.engine_api import host_record
+from server.doors.gateway import Gateway
 from server.doors.guard import HANDSHAKE_TIMEOUT, ConnectionGuard, OncePer, raise_file_limit
 from server.fleet import Fleet
 from server.hosts import HostStatus
-from server.links.manager import LinkManager
+from server.links.direct import Stream, dial
+from server.links.manager import LinkManager, target_of
 from server.links.opener import LibvirtOpener
 from server.links.pki import CLIENT_DN, dial_context, ensure_client_identity
-from server.model import Connection
+from server.model import AdminState, Connection, Host, LinkState
 from server.store import CHECKIN_FLUSH, Store, StoreError, open_store
 from server.tls import ensure_server_cert, limit_tls_buffers, server_context, server_names
 from server.tokens import TokenSigner, load_or_create_signing_key
@@ -52,10 +57,48 @@ class Parts:
     status: HostStatus
     links: LinkManager
     opener: LibvirtOpener
+    gateway: Gateway
+    changes: ChangeLog
+    events: HostEvents
 
     def close(self) -> None:
         self.opener.stop()
         self.store.close()
+
+
+class EngineFeed:
+    """Each host's record for engines, into the change log."""
+
+    def __init__(self, changes: ChangeLog, gateway_uri: Callable[[str], str],
+                 states: Mapping[str, Connection]) -> None:
+        self.changes, self.gateway_uri, self.states = changes, gateway_uri, states
+
+    def publish(self, host: Host) -> None:
+        state = self.states.get(host.id)
+        connection = {"state": str(state.state) if state else "closed"}
+        self.changes.update(host.id, host_record(host, self.gateway_uri(host.id), connection))
+
+
+class HostEvents:
+    """Where the domain's news of a host goes: the link manager, the gateway, the engine
+    feed (fleet.LinkControl)."""
+
+    def __init__(self, store: Store, links: LinkManager, gateway: Gateway, feed: EngineFeed) -> None:
+        self.store, self.links, self.gateway, self.feed = store, links, gateway, feed
+
+    def host_changed(self, host_id: str, libvirtd_recovered: bool = False,
+                     host: Host | None = None) -> None:
+        if host is None:
+            host = self.store.get_host(host_id)
+        self.links.host_changed(host_id, libvirtd_recovered, host)
+        self.gateway.sync(host_id, host is not None and host.admin_state == AdminState.ENABLED)
+        if host is None:
+            self.feed.changes.remove(host_id)
+        else:
+            self.feed.publish(host)
+
+    def reconnect(self, host_id: str) -> None:
+        self.links.reconnect(host_id)
 
 
 def build(config: ServerConfig) -> Parts:
@@ -70,12 +113,28 @@ def build(config: ServerConfig) -> Parts:
     key, cert = ensure_client_identity(libvirt_ca, state / "libvirt-client")
     (state / "libvirt-client" / "cacrl.pem").unlink(missing_ok=True)  # older servers' CRL
     states: dict[str, Connection] = {}
-    status = HostStatus(store, config.grace, states)
-    opener = LibvirtOpener(dial_context(libvirt_ca, key, cert))
+    ctx = dial_context(libvirt_ca, key, cert)
+    gateway = Gateway(config.run_dir, functools.partial(dial_host, store, ctx),
+                      lambda host_id: (s := states.get(host_id)) is not None
+                      and s.state == LinkState.ONLINE, config.engine_group)
+    changes = ChangeLog()
+    feed = EngineFeed(changes, gateway.uri, states)
+    status = HostStatus(store, config.grace, states, on_change=feed.publish)
+    opener = LibvirtOpener(ctx)
     links = LinkManager(opener, store.get_host, states, on_change=status.refresh,
                         on_served=functools.partial(retire_previous_libvirt_cert, store))
-    fleet = Fleet(config, store, identity_ca, libvirt_ca, signer, status, links, states, CLIENT_DN)
-    return Parts(config, store, fleet, status, links, opener)
+    events = HostEvents(store, links, gateway, feed)
+    fleet = Fleet(config, store, identity_ca, libvirt_ca, signer, status, events, states, CLIENT_DN)
+    return Parts(config, store, fleet, status, links, opener, gateway, changes, events)
+
+
+async def dial_host(store: Store, ctx: ssl.SSLContext, host_id: str) -> Stream:
+    """A checked TLS stream to the host's libvirtd, for a gateway client."""
+    host = store.get_host(host_id)
+    if host is None or host.report.libvirt_endpoint is None:
+        raise LookupError(f"host {host_id} has no libvirt endpoint")
+    stream, _serial = await dial(target_of(host), ctx)
+    return stream
 
 
 def retire_previous_libvirt_cert(store: Store, host_id: str, serial: str) -> None:
@@ -196,17 +255,22 @@ async def serve(config: ServerConfig) -> int:
                                    server_names(config.url, config.listen_host))
     guard = ConnectionGuard(config.max_connections_per_address)
     agent_runner = web.AppRunner(agent_api.create_app(parts.fleet, guard), access_log=None)
-    admin_runner = web.AppRunner(admin_api.create_admin_app(parts.fleet, parts.links),
-                                 access_log=None)
+    admin_runner = web.AppRunner(admin_api.create_admin_app(parts.fleet, parts.links,
+                                                            parts.gateway), access_log=None)
+    engine_runner = web.AppRunner(engine_api.create_engine_app(parts.changes), access_log=None)
     supervisor = Supervisor()
     loops = Loops(parts, supervisor)
     await agent_runner.setup()
     await admin_runner.setup()
+    await engine_runner.setup()
     assert agent_runner.server is not None
     guard.install(agent_runner.server)
     listener: asyncio.Server | None = None
     try:
-        parts.links.start(parts.store.list_hosts())
+        parts.gateway.prepare()
+        parts.links.start(())
+        for host in parts.store.list_hosts():
+            parts.events.host_changed(host.id, host=host)
         supervisor.start("offline-sweeper", loops.sweep_forever)
         supervisor.start("checkin-writer", loops.write_checkins_forever)
         supervisor.start("garbage-collector", memory.collect_garbage_forever)
@@ -218,6 +282,8 @@ async def serve(config: ServerConfig) -> int:
             ssl=server_context(key, cert, parts.fleet.identity_ca),
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT, reuse_address=True)
         await admin_api.start_socket(admin_runner, config.admin_socket)
+        await engine_api.start_socket(engine_runner, config.run_dir / "engine.sock",
+                                      parts.gateway.gid)
         log.info("virtfleet-server listening on %s:%d (join URL %s), admin socket %s; up to %d "
                  "open files", config.listen_host, config.listen_port, config.url,
                  config.admin_socket, files)
@@ -229,6 +295,9 @@ async def serve(config: ServerConfig) -> int:
         await supervisor.stop()
         if listener is not None:
             listener.close()
+        await parts.gateway.stop()
+        await engine_runner.cleanup()
+        parts.gateway.remove_run_dir()
         await admin_runner.cleanup()
         await agent_runner.cleanup()
         await parts.links.stop()

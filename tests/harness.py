@@ -8,11 +8,13 @@ the machine's own libvirt.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable
@@ -95,6 +97,10 @@ class Libvirtd:
                 auth_unix_rw = "none"
                 log_outputs = "3:file:{base}/log/libvirtd.log"
                 """))
+        qemu_conf = base / "etc" / "qemu.conf"
+        if not qemu_conf.exists():
+            # Guests log to files libvirtd writes itself: no virtlogd in this namespace.
+            qemu_conf.write_text('stdio_handler = "file"\n')
         self._write_scripts()
 
     def _write_scripts(self) -> None:
@@ -235,9 +241,12 @@ class Server:
                  netns: str | None = None) -> None:
         self.state, self.port, self.address, self.netns = state, port, host, netns
         self.url = f"https://{host}:{port}"
+        # Short: a unix socket's path has room for 107 bytes, and pytest's dirs are long.
+        digest = hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:10]
+        self.run_dir = Path(tempfile.gettempdir()) / f"vfr-{digest}"
         self.proc = Proc([str(VENV_BIN / "virtfleet-server"), "--state-dir", str(state), "serve",
-                          "--listen", f"{host}:{port}", *extra], state.parent / f"{state.name}.log",
-                         netns=netns)
+                          "--listen", f"{host}:{port}", "--run-dir", str(self.run_dir), *extra],
+                         state.parent / f"{state.name}.log", netns=netns)
 
     def start(self) -> Server:
         self.proc.start()
@@ -270,6 +279,9 @@ class Server:
 
     def host(self, ref: str) -> dict[str, Any]:
         return dict(self.api("GET", f"/v1/hosts/{ref}"))
+
+    def gateway_uri(self, ref: str) -> str:
+        return str(self.host(ref)["gateway_uri"])
 
     def status_of(self, ref: str) -> str:
         return str(self.host(ref)["status"])

@@ -25,6 +25,7 @@ MAX_USES = 100_000
 
 
 LINKS = "virtfleet.links"
+GATEWAY = "virtfleet.gateway"
 MIN_PREFIX = 2  # characters of an id that may stand for it
 
 
@@ -32,10 +33,16 @@ class LinkView(Protocol):
     def describe(self, host_id: str) -> dict[str, Any]: ...
 
 
-def create_admin_app(fleet: Fleet, links: LinkView) -> web.Application:
+class GatewayView(Protocol):
+    def uri(self, host_id: str) -> str: ...
+    def describe(self, host_id: str) -> dict[str, int]: ...
+
+
+def create_admin_app(fleet: Fleet, links: LinkView, gateway: GatewayView) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024)
     app[FLEET] = fleet
     app[LINKS] = links
+    app[GATEWAY] = gateway
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/tokens", list_tokens)
     app.router.add_post("/v1/tokens", create_token)
@@ -204,6 +211,7 @@ def host_summary(host: Host) -> dict[str, Any]:
 def host_detail(request: web.Request, host: Host) -> dict[str, Any]:
     fleet = fleet_of(request)
     links: LinkView = request.app[LINKS]
+    gateway: GatewayView = request.app[GATEWAY]
     return host_summary(host) | {
         "admin_state": host.admin_state,
         "role_source": host.role_source,
@@ -218,6 +226,8 @@ def host_detail(request: web.Request, host: Host) -> dict[str, Any]:
         "libvirt_certificate_expires": host.libvirt_cert_not_after,
         "report": wire.to_json(host.report),
         "connection": links.describe(host.id),
+        "gateway_uri": gateway.uri(host.id),
+        "gateway": gateway.describe(host.id),
         "history": [
             {"at": e.at, "status": e.status, "detail": e.detail, "tries": e.tries,
              "last_at": e.last_at}

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 
 
-@dataclass
+@dataclass(eq=False)  # each relay is its own: kept in sets
 class Relay:
     """One relayed connection; `close()` cuts both sides at once."""
 
