@@ -50,7 +50,9 @@ def test_join_reads_the_join_string_from_stdin_or_a_file(server: Server,
     agent = make_agent("hv-stdin", None)
     proc = subprocess.Popen(agent.argv("join", "-"), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    # (Empty for a moment while the program is exec'd.)
+    cmdline = wait_for(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 5,
+                       "the join's command line")
     out, err = proc.communicate(join + "\n", timeout=60)
     assert proc.returncode == 0, err
     assert b"join\0-" in cmdline and wire.JoinString.decode(join).token.encode() not in cmdline
