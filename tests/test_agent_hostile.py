@@ -256,3 +256,22 @@ def test_a_huge_ca_answer_before_the_pin_check_keeps_the_agent_small(
     assert usage.ru_maxrss < 150 * 1024, f"{usage.ru_maxrss} KiB"  # ~50 MB is its usual size
     assert sent[0] < 64 * 2**20  # it hung up instead of reading on
     assert not (agent.state / "agent.json").exists()
+
+
+def test_a_server_url_the_host_cannot_reach_does_not_strand_it(
+        hostile: Callable[[Answer], Hostile], tmp_path: Path, agents: list[Agent]) -> None:
+    """A server naming a URL that does not answer (a typo in --advertise-url, or a hostile
+    answer): the host tries it, stays where it is, and does not try again at every tick."""
+    nowhere = f"https://127.0.0.1:{free_port()}"
+    answer = wire.to_json(wire.CheckinResponse(host_id="h1", status="online", detail="",
+                                               role="mixed", checkin_interval=0.5,
+                                               server_urls=[nowhere]))
+    server = hostile(lambda h: h.reply(200, json.dumps(answer).encode()))
+    agent = enrolled_agent(tmp_path / "agent", server).start()
+    agents.append(agent)
+    wait_for(lambda: server.count(wire.CHECKIN_PATH) >= 6, 20, "six check-ins")
+    assert agent.proc is not None and agent.proc.alive()
+    log = agent.proc.log()
+    assert log.count(f"the server names {nowhere} as its URL, but this host cannot check in "
+                     f"there") == 1, log
+    assert json.loads((agent.state / "agent.json").read_text())["server_url"] == server.url
