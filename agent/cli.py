@@ -217,7 +217,7 @@ def cmd_join(text: str, config: AgentConfig, state: State, force: bool) -> int:
 
     try:
         lock = _lock_or_say_why(state, "joining")
-    except PermissionError as exc:
+    except OSError as exc:
         return fail(f"join failed: {exc} (run as root)")
     if isinstance(lock, int):
         return lock
@@ -256,7 +256,7 @@ def cmd_set_server(url: str, config: AgentConfig, state: State) -> int:
                     EXIT_NOT_ENROLLED)
     try:
         lock = _lock_or_say_why(state, "moving it to another server URL")
-    except PermissionError as exc:
+    except OSError as exc:
         return fail(f"set-server failed: {exc} (run as root)")
     if isinstance(lock, int):
         return lock
@@ -298,7 +298,11 @@ def use_enrollment(config: AgentConfig, state: State, enrollment: Enrollment) ->
 
 async def cmd_run(config: AgentConfig, state: State, config_path: Path,
                   once: bool = False) -> int:
-    lock = _lock_or_say_why(state, None)
+    try:
+        lock = _lock_or_say_why(state, None)
+    except OSError as exc:
+        log.error("cannot use the state dir %s: %s", state.dir, exc)
+        return EXIT_FAILED
     if isinstance(lock, int):
         return lock
     try:
