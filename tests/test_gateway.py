@@ -30,7 +30,8 @@ TINY = """<domain type='kvm'><name>{name}</name><memory unit='MiB'>32</memory><v
 <devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices></domain>"""
 
 
-def virsh(uri: str, *args: str, user: int | None = None, groups: str = "") -> subprocess.CompletedProcess[str]:
+def virsh(uri: str, *args: str, user: int | None = None,
+          groups: str = "") -> subprocess.CompletedProcess[str]:
     cmd = ["virsh", "-q", "-c", uri, *args]
     if user is not None:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}",
