@@ -1,9 +1,12 @@
-"""`make demo`: a server, a real libvirtd and an agent that joins it, ending online.
+"""`make demo`: a server, a real libvirtd and an agent that joins it, ending with a
+desktop started on the host through the engine's door (the libvirt gateway).
 
 Everything runs on this machine from a temp directory: a private libvirtd (own config,
 sockets and TLS port, in a private mount namespace), `virtfleet-server serve`, then
 `virtfleet-agent join` + `run`. It prints each step, the hosts table and the host's
-details, and exits 0 once the host is online over qemu+tls (1 otherwise).
+details, then starts a tiny transient guest on the host with `virsh` through the gateway,
+shows it running on the host's own libvirtd and destroys it; exits 0 if all of that
+worked (1 otherwise).
 `--keep` leaves everything running until Ctrl-C or SIGTERM, to try the admin commands.
 
 On exit, whatever ends it (done, an error, Ctrl-C, SIGTERM), the demo stops every process
@@ -18,6 +21,7 @@ import argparse
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -135,6 +139,8 @@ def demo(work: Path, keep: bool) -> int:
         step(f"online over qemu+tls, {elapsed:.2f} s after `join` started")
         print(server.admin("hosts", "list").stdout)
         print(server.admin("hosts", "show", host_id).stdout, flush=True)
+        if not start_desktop(work, server, libvirtd, host_id, role):
+            return 1
         if keep:
             wait_until_stopped(server, agent, host_id)
         return 0
@@ -143,6 +149,43 @@ def demo(work: Path, keep: bool) -> int:
         server.proc.stop()
         libvirtd.stop()
         wait_for(lambda: libvirtd.pid() is None, 10, "libvirtd to stop")
+
+
+TINY_DESKTOP = """<domain type='{virt}'><name>demo-desktop</name>
+<memory unit='MiB'>32</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='pc'>hvm</type></os>
+<devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices></domain>"""
+
+
+def start_desktop(work: Path, server: Server, libvirtd: Libvirtd, host_id: str, role: str) -> bool:
+    """What an engine does next: a (tiny, diskless, transient) desktop started on the host
+    through the engine's door, the gateway, seen running on the host's own libvirtd."""
+    uri = server.admin("hosts", "uri", host_id).stdout.strip()
+    xml = work / "agent" / "demo-desktop.xml"
+    xml.write_text(TINY_DESKTOP.format(virt="kvm" if role == "mixed" else "qemu"))
+    step(f'virsh -c "$(virtfleet-server hosts uri {host_id})" create {xml.name}'
+         f"\n    ({uri})")
+    commands = [("create", str(xml)), ("list",)]
+    for args in commands:
+        result = subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True,
+                                timeout=60)
+        print((result.stdout + result.stderr).strip())
+        if result.returncode != 0:
+            return False
+    step("on the host's own libvirtd (its unix socket, not through virtfleet):")
+    print(subprocess.run(["virsh", "-c", libvirtd.uri, "list"], capture_output=True, text=True,
+                         timeout=30).stdout.strip())
+    running = "demo-desktop" in subprocess.run(
+        ["virsh", "-c", libvirtd.uri, "list", "--name"], capture_output=True, text=True,
+        timeout=30).stdout
+    step("virsh destroy demo-desktop (through the gateway)")
+    result = subprocess.run(["virsh", "-c", uri, "destroy", "demo-desktop"], capture_output=True,
+                            text=True, timeout=60)
+    print((result.stdout + result.stderr).strip())
+    if running and result.returncode == 0:
+        print("a desktop ran on the host, started through the gateway: no SSH, no root password",
+              flush=True)
+    return running and result.returncode == 0
 
 
 def wait_until_stopped(server: Server, agent: Agent, host_id: str) -> None:
