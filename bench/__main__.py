@@ -1,6 +1,6 @@
 """bench/run [--quick] [--profile FILE] [NAME ...]: the benchmarks, one Markdown table each,
 under a header saying when, on what machine and at which commit (what bench/README.md
-keeps). NAME: capacity, join, detect, footprint, burst (default: all, in that order).
+keeps). NAME: capacity, join, detect, footprint, burst, gateway (default: all, in that order).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import psutil
 
 from bench.util import interrupt_on_sigterm, kill_processes_using, remove_network_namespaces
 
-NAMES = ("capacity", "join", "detect", "footprint", "burst")
+NAMES = ("capacity", "join", "detect", "footprint", "burst", "gateway")
 
 
 def machine() -> str:
