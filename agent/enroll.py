@@ -126,6 +126,10 @@ async def join(text: str, config: AgentConfig, state: State, force: bool = False
         report=report,
     )
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca_pem)
+    if current and current.ca_pin == join_string.ca_pin and state.identity_expiry() > time.time():
+        # Joining the same server again: the host shows who it is, so the server gives it
+        # the new identity in place (same id, same history) instead of a second host.
+        ctx.load_cert_chain(state.identity)
     answer = await enroll_request(join_string.url, request, ctx)
     enrollment = Enrollment(host_id=answer.host_id, server_url=join_string.url,
                             ca_pin=join_string.ca_pin, role=config.role, enrolled_at=time.time(),

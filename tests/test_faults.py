@@ -131,6 +131,7 @@ def test_server_killed_during_a_storm_loses_nothing(fleet: Fleet) -> None:
     assert tokens_before <= set(tokens_after)
     assert len(tokens_after) == len(tokens_before) + len(joins)
     hostnames = {h["hostname"] for h in server.hosts()}
+    assert sum(r.returncode == 0 for r in results) >= 3  # those finished before the kill
     for agent, result in zip(joiners, results, strict=True):
         if result.returncode == 0:  # the agent was told it is enrolled: the server must know it
             assert agent.base.name in hostnames

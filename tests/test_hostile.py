@@ -92,9 +92,12 @@ def join_of(payload: bytes) -> str:
 def test_any_text_is_a_join_string_or_a_wire_error(text: str) -> None:
     for candidate in (text, wire.JOIN_PREFIX + text):
         try:
-            wire.JoinString.decode(candidate)
+            join = wire.JoinString.decode(candidate)
         except wire.WireError as exc:
             assert str(exc)
+        else:  # what decodes is a usable join string, and encodes back to itself
+            assert join.url.startswith("https://") and join.ca_pin.startswith("sha256:")
+            assert wire.JoinString.decode(join.encode()) == join
 
 
 @given(payload=JSON)
@@ -267,15 +270,18 @@ def test_checkin_bodies_are_accepted_only_when_storable(body: dict[str, Any]) ->
     except wire.WireError as exc:
         assert str(exc)
     else:
-        json.dumps(wire.to_json(req), allow_nan=False, ensure_ascii=False).encode()
+        stored = json.dumps(wire.to_json(req), allow_nan=False, ensure_ascii=False).encode()
+        assert wire.decode_body(wire.CheckinRequest, stored) == req
 
 
 @given(raw=st.binary(max_size=500))
 def test_any_bytes_are_a_checkin_or_a_wire_error(raw: bytes) -> None:
     try:
-        wire.decode_body(wire.CheckinRequest, raw)
+        req = wire.decode_body(wire.CheckinRequest, raw)
     except wire.WireError as exc:
         assert str(exc)
+    else:  # what is accepted survives its own round trip unchanged
+        assert wire.parse(wire.CheckinRequest, wire.to_json(req)) == req
 
 
 def test_a_checkin_body_cut_anywhere_is_refused() -> None:

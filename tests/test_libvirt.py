@@ -79,11 +79,9 @@ def test_libvirtd_down_then_back(server: Server, libvirtd: Libvirtd, make_agent:
     agent = make_agent("hv-bounce", libvirtd)
     host_id = online_host(server, agent, libvirtd)
     libvirtd.stop()
-    killed = time.monotonic()
     host = wait_for(lambda: (h := server.host(host_id))["status"] == "error"
                     and "libvirtd is down on the host" in h["detail"] and h, 10,
                     "error: libvirtd is down")
-    assert time.monotonic() - killed < 10
     assert "connect" in host["detail"].lower()  # libvirt's own words ride along
     agent_pid = agent.proc.proc.pid if agent.proc and agent.proc.proc else None
     libvirtd.start()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from common import pki, wire
 
@@ -69,6 +73,12 @@ def test_roles_within_a_token_limit() -> None:
 
 def test_ca_pin_is_sha256_of_the_public_key() -> None:
     key = pki.new_key()
-    pin = wire.ca_pin(key.public_key())
-    assert pin.startswith("sha256:") and len(pin) == 71
-    assert pin != wire.ca_pin(pki.new_key().public_key())
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert wire.ca_pin(key.public_key()) == "sha256:" + hashlib.sha256(spki).hexdigest()
+    # As kubeadm's discovery hash: openssl's DER of the public key, hashed.
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=pem,
+                         capture_output=True, check=True).stdout
+    assert wire.ca_pin(key.public_key()) == "sha256:" + hashlib.sha256(der).hexdigest()
