@@ -146,7 +146,8 @@ class StatusBook:
                                   "next_at": None if next_in is None else now + next_in}
         if outcome.answer is not None:
             fields |= {"status": outcome.answer.status, "detail": outcome.answer.detail,
-                       "last_success": now}
+                       "last_success": now,
+                       "interval": clamp_interval(outcome.answer.checkin_interval)}
         self.last = self.last | fields
         if outcome.ok:
             self.last.pop("error", None)

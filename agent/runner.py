@@ -36,6 +36,9 @@ __all__ = ["HUNG_CHECKIN", "Runner", "renewal_time"]
 log = logging.getLogger(__name__)
 
 REFUSED_WAIT = 300.0  # refused (not for its identity): retrying is noise, but do notice a fix
+# Refused for its role, the host still checks in at the pace it had (the server records
+# those check-ins, and shows the host in error saying what to change rather than offline).
+ROLE_REFUSED_PACE = 10.0  # before the server ever said an interval: its default
 LIBVIRTD_PROBE = 1.0
 # The server named a URL this host could not check in at: try it again this much later.
 MOVE_RETRY = 600.0
@@ -68,6 +71,10 @@ class Runner:
         self._reported_down = asyncio.Event()
         self._libvirtd_up: bool | None = None  # as last seen, for the up/down events
         self._move_tried = -MOVE_RETRY  # monotonic time of the last try at a new server URL
+        # The last interval the server gave (clamped), by this process or an earlier one.
+        interval = self.book.last.get("interval")
+        self._interval = clamp_interval(interval) if isinstance(interval, (int, float)) \
+            else ROLE_REFUSED_PACE
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -146,7 +153,8 @@ class Runner:
                       f"{detail}; last check-in {_clock(time.time())}")
         if answer.renew:
             self.certs.request()  # in its own task: this check-in is done
-        return clamp_interval(answer.checkin_interval)
+        self._interval = clamp_interval(answer.checkin_interval)
+        return self._interval
 
     def _failed(self, outcome: Outcome) -> float | None:
         host_id = self.enrollment.host_id
@@ -158,10 +166,12 @@ class Runner:
             self.refused = outcome
             return None
         if outcome.verdict in (Verdict.ROLE_REFUSED, Verdict.REFUSED):
-            event(log, "checkin_refused", "the server refuses this check-in: %s", outcome.message,
-                  level=logging.ERROR, host_id=host_id, reason=outcome.message)
+            if self.book.last.get("error") != outcome.message:  # said once, not every tick
+                event(log, "checkin_refused", "the server refuses this check-in: %s",
+                      outcome.message, level=logging.ERROR, host_id=host_id,
+                      reason=outcome.message)
             notify.status(f"refused by the server: {outcome.message}")
-            return REFUSED_WAIT
+            return self._interval if outcome.verdict is Verdict.ROLE_REFUSED else REFUSED_WAIT
         assert outcome.error is not None
         delay = self.backoff.next_delay(outcome.error.retry_after)
         log.warning("check-in failed (%s); retrying in %.1f s", outcome.message, delay)

@@ -157,10 +157,11 @@ def test_status_checks_what_is_alive_and_says_it_in_its_exit_status(
     stopped = agent.run_cmd("status")
     assert stopped.returncode == EXIT_NOT_RUNNING and "NOT RUNNING" in stopped.stdout
     agent.start()
-    healthy = wait_for(lambda: (r := agent.run_cmd("status")).returncode == 0 and r, 20,
-                       "status to say healthy")
+    healthy = wait_for(lambda: (r := agent.run_cmd("status")).returncode == 0
+                       and "next check-in: due" in r.stdout and r, 20,
+                       "status to say healthy after the service's first check-in")
     assert "health:       ok" in healthy.stdout and "answers now" in healthy.stdout
-    assert "running (pid" in healthy.stdout and "next check-in: due" in healthy.stdout
+    assert "running (pid" in healthy.stdout
 
     libvirtd.stop()
     down = agent.run_cmd("status")  # asked now: no waiting for a check-in
@@ -193,6 +194,13 @@ def test_a_refused_role_says_what_to_change_and_not_to_join_again(
     assert f"role = 'mixed' in {agent.config}" in status and "no new join needed" in status
     assert "join --force" not in status
     assert agent.proc is not None and agent.proc.alive()  # a setting to fix, not an identity gone
+    # It keeps checking in at its pace, so past the grace period (4 s) the server still
+    # shows the reason, not "offline"; the agent says it once.
+    refused_at = time.time()
+    wait_for(lambda: time.time() > refused_at + 6, 10, "the grace period to pass")
+    host = server.host(agent.host_id())
+    assert host["status"] == "error" and "role" in host["detail"], host["detail"]
+    assert agent.proc.log().count("the server refuses this check-in") == 1
 
 
 def test_set_server_moves_the_host_to_another_url_of_the_same_server_only(
