@@ -167,6 +167,9 @@ class Host:
         self.key = f"sim-{i}"  # its moment in an interval, as the server's for a host id
         parts = urlsplit(url)
         self.address, self.port = parts.hostname or "", parts.port or 443
+        # Each host from its own loopback address, as real hosts come from their own: the
+        # server caps connections per source address.
+        self.source = (f"127.3.{i // 250 % 256}.{i % 250 + 1}", 0)
         self.conn: Connection | None = None
 
     async def checkin(self) -> float:
@@ -175,7 +178,8 @@ class Host:
         deadline = loop.time() + TOTAL_TIMEOUT
         if self.conn is None or not self.conn.open:
             _, self.conn = await asyncio.wait_for(
-                loop.create_connection(Connection, self.address, self.port, ssl=self.ctx),
+                loop.create_connection(Connection, self.address, self.port, ssl=self.ctx,
+                                       local_addr=self.source),
                 CONNECT_TIMEOUT)
         try:
             body = await asyncio.wait_for(self.conn.request(self.data), deadline - loop.time())
