@@ -12,12 +12,14 @@ worked (1 otherwise).
 On exit, whatever ends it (done, an error, Ctrl-C, SIGTERM), the demo stops every process
 it started and removes every file it made: its temp dir holds CA private keys. With
 `--dir DIR` it removes what it created inside DIR (and DIR itself if it created DIR),
-never anything that was there before.
+never anything that was there before. If the process that started it goes away (`make
+demo`'s make, killed by SIGTERM: make does not pass SIGTERM on), it ends the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import signal
@@ -56,6 +58,7 @@ def main() -> int:
         print("make demo runs libvirtd in a private mount namespace: run it as root", file=sys.stderr)
         return 1
     interrupt_on_sigterm()
+    end_with_parent()
     made: list[Path] = []  # what to remove at the end: filled before anything is made
     try:
         work = workdir(args.dir, made)
@@ -65,6 +68,18 @@ def main() -> int:
         return 130
     finally:
         clean_up(made)
+
+
+def end_with_parent() -> None:
+    """SIGTERM us when our parent dies. `make demo KEEP=1` runs us under make, and make,
+    SIGTERMed, exits without passing the signal on: we would keep running, orphaned,
+    with everything we started."""
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        return  # not fatal: only a SIGTERM to make itself would then leave us running
+    if os.getppid() != parent:  # it died before the prctl took hold
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def workdir(given: Path | None, made: list[Path]) -> Path:

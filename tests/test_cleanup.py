@@ -70,6 +70,31 @@ def test_sigterm_to_demo_keep_stops_everything_and_removes_what_it_made(
     assert network_namespaces() <= namespaces
 
 
+def test_sigterm_to_the_make_running_the_demo_stops_it_too(tmp_path: Path,
+                                                           leftovers: None) -> None:
+    """`make demo KEEP=1` SIGTERMed: make exits without passing the signal on to the demo
+    it runs. A shell waiting for the demo plays make's part here (it does the same)."""
+    work = tmp_path / "demo"
+    work.mkdir()
+    log = tmp_path / "demo.log"
+    parent = start(["sh", "-c", '"$0" scripts/demo.py --keep --dir "$1"; echo "demo exited"',
+                    str(VENV_BIN / "python"), str(work)], log)
+    try:
+        wait_for(lambda: "still running" in log.read_text() or parent.poll() is not None, 120,
+                 "the demo to be up and running")
+        assert parent.poll() is None, log.read_text()
+        started = running_from(work)
+        assert len(started) >= 4, f"the demo, server, agent and libvirtd: {started}"
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(10) == -signal.SIGTERM
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+    wait_for(lambda: not any(pid_alive(pid) for pid in started), 60,
+             f"the orphaned demo and what it started to stop ({log.read_text()[-2000:]})")
+    assert list(work.iterdir()) == [], log.read_text()
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temp dir with a short path: the server's admin socket, deep under it, must stay
