@@ -64,15 +64,15 @@ def token_role(token: str) -> str | None:
 
 def choose_role(given: str, token_limit: str | None, joined: str | None) -> str:
     """The role to enroll with: the one given (agent.toml or --role), else the one this
-    host joined with before (join --force), else the token's; "mixed" if none says."""
+    host joined with before (join --force) while the token allows it, else the token's;
+    "mixed" if none says."""
     if given:
         return given
-    if joined:
-        if token_limit and not wire.role_within(joined, token_limit):
-            raise JoinError(f"this host joined with role {joined!r}, which this token does not "
-                            f"allow (at most {token_limit!r}): give the role to take, e.g. "
-                            f"--role {token_limit}")
+    if joined and (not token_limit or wire.role_within(joined, token_limit)):
         return joined
+    if joined:
+        log.warning("this host joined with role %r, which this token does not allow: it takes "
+                    "the token's, %r (give --role to choose)", joined, token_limit)
     return token_limit or "mixed"
 
 
