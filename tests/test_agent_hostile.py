@@ -176,6 +176,8 @@ def test_a_negative_interval_and_renew_on_every_answer_do_not_make_a_storm(
     window = 5.0
     wait_for(lambda: time.monotonic() > start + window, window + 5, "the window to pass")
     checkins = server.count(wire.CHECKIN_PATH, since=start)
+    print(f"observed: interval -1 + renew:true: {checkins} check-ins in {window:g} s, "
+          f"{server.count(wire.RENEW_PATH)} renewal(s)")
     # At most one check-in per MIN_INTERVAL (0.5 s), and some: the agent still works.
     assert 2 <= checkins <= window / 0.5 + 2, checkins
     # One renewal: the rest are asked for within a minute of it (agent/certs.py).
@@ -253,6 +255,8 @@ def test_a_huge_ca_answer_before_the_pin_check_keeps_the_agent_small(
     assert proc.returncode == 1, err
     assert "join failed" in err and ("longer than 65536 bytes" in err
                                      or "of 1500000000 bytes; the limit is 65536" in err), err
+    print(f"observed: 1.5 GB CA answer ({'declared' if declared else 'until close'}): join's "
+          f"max RSS {usage.ru_maxrss / 1024:.0f} MB, {sent[0] / 2**20:.0f} MiB sent before it hung up")
     assert usage.ru_maxrss < 150 * 1024, f"{usage.ru_maxrss} KiB"  # ~50 MB is its usual size
     assert sent[0] < 64 * 2**20  # it hung up instead of reading on
     assert not (agent.state / "agent.json").exists()
