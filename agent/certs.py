@@ -97,8 +97,9 @@ class CertManager:
         """When the next renewal is due, asked for or not."""
         scheduled = max(renewal_time(self.issued, self.not_after, self._jitter),
                         self._last_renewal() + SCHEDULED_GAP_MIN)
-        return min(scheduled, self._last_renewal() + requested_gap(self.lifetime)) \
-            if self._requested else scheduled
+        if not self._requested:
+            return scheduled
+        return min(scheduled, self._last_renewal() + requested_gap(self.lifetime))
 
     def _last_renewal(self) -> float:
         # The identity file's time too: a restarted agent (or a crash loop) does not
