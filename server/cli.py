@@ -267,7 +267,10 @@ def token_command(args: argparse.Namespace, state: Path) -> int:
               f"expires {when(tok['expires_at'])}"
               + ("" if tok["auto_enable"] else ", hosts wait for `hosts enable`"),
               file=sys.stderr)
-        print(f"# on the host, as root:\n{data['command']}", file=sys.stderr)
+        print(f"# on the host, as root (it reads the join string from stdin: paste it, then "
+              f"Enter; so no other user sees it in the process list):\n{data['command']}\n"
+              f"# or, with the string as an argument: virtfleet-agent join '{data['join']}'",
+              file=sys.stderr)
         if data.get("warning"):
             print(f"# WARNING: {data['warning']}", file=sys.stderr)
         return 0

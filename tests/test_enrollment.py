@@ -335,7 +335,8 @@ def test_token_create_prints_the_command_to_paste(server: Server) -> None:
     result = server.admin("token", "create", "--role", "hypervisor", "--ttl", "15m")
     join = result.stdout.strip()
     assert join.startswith("vfjoin1.")
-    assert f"virtfleet-agent join '{join}'" in result.stderr and "role hypervisor" in result.stderr
+    assert "\nvirtfleet-agent join -\n" in result.stderr and "role hypervisor" in result.stderr
+    assert f"virtfleet-agent join '{join}'" in result.stderr
     decoded = wire.JoinString.decode(join)
     assert decoded.url == server.url
     payload = jwt.decode(decoded.token, options={"verify_signature": False})

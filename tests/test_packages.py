@@ -9,6 +9,7 @@ READY/STATUS/WATCHDOG, and JOURNAL_STREAM as systemd sets it for a service.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import re
@@ -114,6 +115,7 @@ class Journald:
         unit_text = (UNITS / unit).read_text()
         argv = exec_start(unit) + list(extra)
         user = next((line[5:] for line in unit_text.splitlines() if line.startswith("User=")), "")
+        self._runtime_directory(unit_text, user or "root")
         if user:
             argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *argv]
         notify = NotifySocket()
@@ -124,6 +126,18 @@ class Journald:
         proc.env = env  # only what systemd would give: none of the test's own environment
         self.services.append((proc.start(), notify))
         return proc, notify
+
+    def _runtime_directory(self, unit_text: str, user: str) -> None:
+        """What systemd makes for `RuntimeDirectory=`: /run/NAME, the unit's user's, with
+        `RuntimeDirectoryMode=` (in journald's namespace, whose /run is a tmpfs)."""
+        settings = dict(line.split("=", 1) for line in unit_text.splitlines() if "=" in line)
+        name = settings.get("RuntimeDirectory")
+        if not name:
+            return
+        path = f"/run/{name}"
+        mode = settings.get("RuntimeDirectoryMode", "0755")
+        subprocess.run(self.enter(["sh", "-ec", f"mkdir -p {path} && chown {user}: {path} && "
+                                                f"chmod {mode} {path}"]), check=True, timeout=10)
 
     def stop(self) -> None:
         for proc, notify in self.services:
@@ -227,6 +241,13 @@ def run_installed(journal: Journald, libvirtd: Libvirtd, tmp_path: Path) -> None
 
     online = wait_for(host, 60, f"the host online (agent log: {agent.log()[-2000:]})")
     assert online["hostname"] == "pkg-host"
+    # The engine's doors: in the unit's runtime directory, for the group the package made.
+    run_dir = Path(f"/proc/{journal.pid}/root/run/virtfleet-server")
+    gateway = wait_for(lambda: (s := run_dir / "hosts" / f"{online['id']}.sock").exists() and s, 10,
+                       "the host's gateway socket")
+    for path in (gateway, run_dir / "engine.sock"):
+        assert grp.getgrgid(path.stat().st_gid).gr_name == "virtfleet-engine", path
+        assert path.stat().st_mode & 0o777 == 0o660, path
     assert token not in config.read_text(), "the spent join string is still in agent.toml"
 
     wait_for(lambda: agent_notify.said("READY=1"), 10, "the agent's READY=1")

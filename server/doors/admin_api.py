@@ -111,7 +111,7 @@ async def create_token(request: web.Request) -> web.Response:
     created = fleet_of(request).create_token(role, ttl, uses, auto_enable, description)
     return web.json_response({
         "join": created.join,
-        "command": f"virtfleet-agent join '{created.join}'",
+        "command": "virtfleet-agent join -",
         "token": token_view(created.record, []),
         "warning": unreachable_url_problem(fleet_of(request).config),
     })
