@@ -16,8 +16,8 @@ from agent.checkin import MAX_INTERVAL, Outcome, check_in_once
 from agent.config import AgentConfig, ConfigError
 from agent.libvirt_tls import TLSSetupError
 from agent.state import Enrollment, State
-from common import logs, notify, wire
-from common.cli import ago, fail, print_json, when
+from common import VERSION, logs, notify, wire
+from common.cli import Subcommands, ago, fail, print_json, when
 
 log = logging.getLogger("agent")
 
@@ -75,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="virtfleet-agent", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="virtfleet host agent: enrolls this KVM host with a join token, sets up "
                     "libvirtd's TLS listener for the server, and checks in on its own.")
+    p.add_argument("--version", action="version", version=f"virtfleet-agent {VERSION}")
     add_shared_options(p)
     shared = argparse.ArgumentParser(add_help=False)  # the same options, also after the command
     add_shared_options(shared, after_command=True)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = Subcommands(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     j = sub.add_parser("join", help="enroll this host with a server, using a join string",
                        parents=[shared])
     j.add_argument("join", nargs="?",

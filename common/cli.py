@@ -68,6 +68,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+class Subcommands:
+    """argparse subcommands whose own --help starts with what the command does (argparse
+    shows a subcommand's `help` only in its parent's list)."""
+
+    def __init__(self, action: Any) -> None:
+        self.action = action
+
+    def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
+        kw.setdefault("description", kw.get("help"))
+        return self.action.add_parser(name, **kw)  # type: ignore[no-any-return]
+
+
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 from common import VERSION, logs, wire
-from common.cli import ago, duration, fail, print_json, printable, table, when
+from common.cli import Subcommands, ago, duration, fail, print_json, printable, table, when
 from server.config import (
     DEFAULT_PORT,
     DEFAULT_RUN_DIR,
@@ -43,18 +43,6 @@ HOST_REF = "host id, a unique id prefix (2+ characters) or a hostname; ids win o
 
 class AdminError(Exception):
     pass
-
-
-class _Commands:
-    """Subcommands whose --help starts with what the command does (argparse shows a
-    subcommand's `help` only in its parent's list)."""
-
-    def __init__(self, action: Any) -> None:
-        self.action = action
-
-    def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
-        kw.setdefault("description", kw.get("help"))
-        return self.action.add_parser(name, **kw)  # type: ignore[no-any-return]
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -139,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_shared_options(p)
     shared = argparse.ArgumentParser(add_help=False)  # the same options, also after the command
     add_shared_options(shared, after_command=True)
-    sub = _Commands(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    sub = Subcommands(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     s = sub.add_parser("serve", help="run the server", parents=[shared])
     s.add_argument("--listen", type=parse_listen, default=("0.0.0.0", DEFAULT_PORT),
@@ -167,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     t = sub.add_parser("token", help="join tokens: create, list, revoke")
-    tsub = _Commands(t.add_subparsers(dest="token_command", required=True, metavar="ACTION"))
+    tsub = Subcommands(t.add_subparsers(dest="token_command", required=True, metavar="ACTION"))
     tc = tsub.add_parser("create", help="create a join token and print the command for the host",
                          parents=[shared])
     tc.add_argument("--role", default="mixed", choices=wire.ROLES,
@@ -183,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("id", type=reference, help="token id, or a unique prefix of it")
 
     h = sub.add_parser("hosts", help="hosts: list, show, uri, enable, disable, forget, set-role")
-    hsub = _Commands(h.add_subparsers(dest="hosts_command", required=True, metavar="ACTION"))
+    hsub = Subcommands(h.add_subparsers(dest="hosts_command", required=True, metavar="ACTION"))
     hsub.add_parser("list", help="every host with its status and last check-in", parents=[shared])
     for name, text in [("show", "everything known about a host, with its status history"),
                        ("uri", "the libvirt URI of the host's gateway socket, for virsh or an engine"),
