@@ -72,11 +72,24 @@ class EngineFeed:
     def __init__(self, changes: ChangeLog, gateway_uri: Callable[[str], str],
                  states: Mapping[str, Connection]) -> None:
         self.changes, self.gateway_uri, self.states = changes, gateway_uri, states
+        # What each host's record was built from: a check-in that changed nothing of it
+        # (the same report text, status and intent) costs a comparison, not a rebuild.
+        self._built_from: dict[str, tuple[Any, ...]] = {}
 
     def publish(self, host: Host) -> None:
         state = self.states.get(host.id)
-        connection = {"state": str(state.state) if state else "closed"}
-        self.changes.update(host.id, host_record(host, self.gateway_uri(host.id), connection))
+        link = str(state.state) if state else "closed"
+        source = (host.report_text, host.status, host.detail, host.role, host.admin_state, link)
+        record = self.changes.get(host.id)
+        if record is not None and self._built_from.get(host.id) == source:
+            record["last_checkin"] = host.last_checkin
+            return
+        self._built_from[host.id] = source
+        self.changes.update(host.id, host_record(host, self.gateway_uri(host.id), {"state": link}))
+
+    def remove(self, host_id: str) -> None:
+        self._built_from.pop(host_id, None)
+        self.changes.remove(host_id)
 
 
 class HostEvents:
@@ -93,7 +106,7 @@ class HostEvents:
         self.links.host_changed(host_id, libvirtd_recovered, host)
         self.gateway.sync(host_id, host is not None and host.admin_state == AdminState.ENABLED)
         if host is None:
-            self.feed.changes.remove(host_id)
+            self.feed.remove(host_id)
         else:
             self.feed.publish(host)
 
