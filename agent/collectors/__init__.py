@@ -25,6 +25,9 @@ class Context:
     sys: Path = Path("/sys")
     dev: Path = Path("/dev")
     libvirt: Any = None  # agent.local_libvirt.LocalLibvirt, when there is one
+    # `[facts] storage_paths` in agent.toml: filesystems whose size/free the storage
+    # collector reports (what IsardVDI runs `df` for, e.g. /isard).
+    storage_paths: list[Path] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -38,6 +41,21 @@ def register(name: str) -> Callable[[Collector], Collector]:
         return fn
 
     return add
+
+
+def libvirt_connection(ctx: Context) -> Any:
+    """The local libvirt connection, or an exception saying why there is none (the
+    collector that needs it fails; the others go on)."""
+    conn = ctx.libvirt.connection() if ctx.libvirt else None
+    if conn is None:
+        raise RuntimeError(f"libvirtd does not answer: {ctx.libvirt.error if ctx.libvirt else 'no uri'}")
+    return conn
+
+
+def error_text(exc: BaseException) -> str:
+    """An error as the report shows it, for a part of a collector that failed alone."""
+    message = exc.get_error_message() if hasattr(exc, "get_error_message") else None  # libvirtError
+    return f"{type(exc).__name__}: {message or exc}"
 
 
 def run_all(ctx: Context) -> dict[str, dict[str, Any]]:
@@ -54,4 +72,14 @@ def run_all(ctx: Context) -> dict[str, dict[str, Any]]:
 
 
 # Importing registers them.
-from agent.collectors import host, kvm, libvirtd  # noqa: E402,F401
+from agent.collectors import (  # noqa: E402,F401
+    cpu,
+    host,
+    kvm,
+    libvirtd,
+    memory,
+    networks,
+    numa,
+    pci,
+    storage,
+)

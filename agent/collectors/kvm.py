@@ -1,5 +1,15 @@
 """KVM on this host: /dev/kvm, the vendor module, nested virtualization, and the
-"disabled in BIOS" case (the CPU has vmx/svm but KVM is not there)."""
+"disabled in BIOS" case (the CPU has vmx/svm but KVM is not there).
+
+Keys (IsardVDI's `kvm_module` is `vendor`, or "bios_disabled" when `disabled_in_bios`):
+  usable            bool  /dev/kvm exists and opens read-write
+  vendor            str   "intel" (vmx flag), "amd" (svm flag) or "" (neither)
+  module            str   kvm_intel / kvm_amd when loaded, else ""
+  cpu_flag          str   vmx / svm / ""
+  nested            bool  the module's `nested` parameter is on
+  disabled_in_bios  bool  the CPU has the flag but no module and no usable /dev/kvm
+  problem           str   what to do about it, in words ("" when usable)
+"""
 
 from __future__ import annotations
 
@@ -10,6 +20,7 @@ from typing import Any
 from agent.collectors import Context, register
 
 VENDOR_FLAGS = {"vmx": "kvm_intel", "svm": "kvm_amd"}
+VENDORS = {"vmx": "intel", "svm": "amd"}
 
 
 def parse_cpu_flags(cpuinfo: str) -> set[str]:
@@ -39,6 +50,7 @@ def assess(flags: set[str], device_usable: bool, device_exists: bool, module: st
             problem = "the CPU has no hardware virtualization (no vmx or svm flag)"
     return {
         "usable": device_usable,
+        "vendor": VENDORS.get(vendor_flag or "", ""),
         "module": module or "",
         "cpu_flag": vendor_flag or "",
         "nested": nested in ("Y", "1") if nested is not None else False,

@@ -23,11 +23,11 @@ def collect(ctx: Context) -> dict[str, Any]:
         "arch": info[0],
         "running_domains": len(domains),
         "domains": sorted(d.name() for d in domains)[:200],
-        "storage_pools": _pools(conn),
+        "storage_pools": list_pools(conn),
     }
 
 
-def _pools(conn: libvirt.virConnect) -> list[dict[str, Any]]:
+def list_pools(conn: libvirt.virConnect) -> list[dict[str, Any]]:
     pools = []
     for pool in conn.listAllStoragePools():
         active = bool(pool.isActive())
