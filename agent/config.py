@@ -41,6 +41,13 @@ class LibvirtConfig:
 
 
 @dataclass
+class FactsConfig:
+    # Filesystems whose size and free space the agent reports (what an engine places
+    # disks on, e.g. /isard): the storage collector's `paths`.
+    storage_paths: list[Path] = field(default_factory=list)
+
+
+@dataclass
 class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     # "" is "none given": `join` takes the token's role, later runs the role joined with.
@@ -49,6 +56,7 @@ class AgentConfig:
     join: str = ""  # for unattended installs: enroll with this on first start
     log_level: str = "INFO"
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    facts: FactsConfig = field(default_factory=FactsConfig)
     # Not settings: where the file was, and what it (or a flag) set on purpose. A role or
     # hostname given wins over the one the host joined with; one not given does not.
     role_from_file: bool = False
@@ -80,10 +88,14 @@ def load(path: Path | None) -> AgentConfig:
     except PermissionError:
         raise ConfigError(f"{path}: permission denied") from None
     libvirt = data.pop("libvirt", {})
+    facts = data.pop("facts", {})
     _apply(config, data, path, "")
     if not isinstance(libvirt, dict):
         raise ConfigError(f"{path}: [libvirt] must be a table")
     _apply(config.libvirt, libvirt, path, "libvirt.")
+    if not isinstance(facts, dict):
+        raise ConfigError(f"{path}: [facts] must be a table")
+    _apply(config.facts, facts, path, "facts.")
     config.role_from_file = bool(config.role)  # role = "" is none given, as no line
     config.hostname_given = "hostname" in data
     config.path = path
@@ -93,7 +105,7 @@ def load(path: Path | None) -> AgentConfig:
 
 def _apply(target: Any, data: dict[str, Any], path: Path, prefix: str) -> None:
     known = {f.name: f for f in fields(target)
-             if f.name not in ("libvirt", "role_from_file", "hostname_given", "path")}
+             if f.name not in ("libvirt", "facts", "role_from_file", "hostname_given", "path")}
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"{path}: unknown setting {prefix}{key!r} "
@@ -103,6 +115,10 @@ def _apply(target: Any, data: dict[str, Any], path: Path, prefix: str) -> None:
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{path}: {prefix}{key} must be a path")
             value = Path(value)
+        elif isinstance(current, list):  # only lists of paths so far
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"{path}: {prefix}{key} must be a list of paths")
+            value = [Path(v) for v in value]
         elif type(value) is not type(current):
             raise ConfigError(f"{path}: {prefix}{key} must be a {type(current).__name__}")
         setattr(target, key, value)

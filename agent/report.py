@@ -13,7 +13,8 @@ from common import VERSION, wire
 
 def _collect(config: AgentConfig, local: LocalLibvirt) -> wire.Report:
     health = local.health()
-    facts = collectors.run_all(collectors.Context(libvirt=local))
+    facts = collectors.run_all(collectors.Context(libvirt=local,
+                                                  storage_paths=config.facts.storage_paths))
     return wire.Report(
         hostname=config.hostname,
         # No role given nor joined with (bench/report.py's simulated hosts): the widest.
