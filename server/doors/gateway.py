@@ -57,6 +57,7 @@ class Gateway:
         self.gid = _group_id(group)
         self.sockets: dict[str, HostSocket] = {}
         self._pending: set[str] = set()
+        self._started = False  # sockets are opened only while the server serves
 
     def prepare(self) -> None:
         """RUNDIR and RUNDIR/hosts: 0750, the engine group's, so its members reach the
@@ -68,6 +69,7 @@ class Gateway:
                 os.chown(directory, -1, self.gid)
         for stale in self.dir.glob("*.sock"):  # a previous run's, killed before it cleaned up
             stale.unlink(missing_ok=True)
+        self._started = True
 
     def remove_run_dir(self) -> None:
         """At exit: the engine socket and the (now empty) directories, where they are ours."""
@@ -86,7 +88,10 @@ class Gateway:
         return {"open": len(sock.relays), "accepted": sock.accepted, "refused": sock.refused}
 
     def sync(self, host_id: str, enabled: bool) -> None:
-        """The host's socket exists exactly while the host is enabled."""
+        """The host's socket exists exactly while the host is enabled (and the server
+        serves: tools that build the server's parts to seed a store open none)."""
+        if not self._started:
+            return
         if enabled and host_id not in self.sockets and host_id not in self._pending:
             self._pending.add(host_id)
             asyncio.get_running_loop().create_task(self._open(host_id), name=f"gateway-{host_id}")
