@@ -63,10 +63,10 @@ def parse_pci_ids(lines: Iterable[str], wanted: set[tuple[str, str]]) -> Names:
     return vendors, devices
 
 
-def read_names(wanted: set[tuple[str, str]], files: Iterable[Path] = PCI_IDS) -> Names:
+def read_names(wanted: set[tuple[str, str]], files: Iterable[Path] | None = None) -> Names:
     """The names from the first readable pci.ids, remembered until the file changes (the
     file is 1.3 MB: it is read once, not at every check-in)."""
-    for path in files:
+    for path in PCI_IDS if files is None else files:
         try:
             key = (path, path.stat().st_mtime, frozenset(wanted))
             if key not in _names_cache:
