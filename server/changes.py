@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 KEEP = 10_000  # changes kept for watchers that resume
-VOLATILE = frozenset({"load", "memory_available", "available", "free", "free_hugepages",
-                      "running_domains", "domains", "seconds", "available_instances",
-                      "last_checkin"})
+VOLATILE = frozenset({"load", "memory_available", "memory_free", "available", "allocation",
+                      "free", "free_hugepages", "running_domains", "domains", "seconds",
+                      "available_instances", "last_checkin"})
 WATCHER_QUEUE = 1000  # changes a watcher may lag behind before it is cut off (it lists again)
 
 
