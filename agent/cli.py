@@ -183,12 +183,16 @@ def _join_text(raw: bytes, source: str) -> str:
     return text
 
 
-def _lock_or_say_why(state: State, doing: str | None) -> Any:
+def _lock_or_say_why(state: State, doing: str | None, failed: str) -> Any:
     """Take the state dir's lock (the returned object), or return an exit code after saying
-    who holds it and what to do."""
-    state.prepare()
-    lock = state.lock()
-    if lock.acquire():
+    who holds it and what to do (`failed`: how an error starts)."""
+    try:
+        state.prepare()
+        lock = state.lock()
+        taken = lock.acquire()
+    except OSError as exc:
+        return fail(f"{failed}: {exc} (run as root)")
+    if taken:
         return lock
     pid = lock.holder()
     if not _is_run(pid):
@@ -216,10 +220,7 @@ def cmd_join(text: str, config: AgentConfig, state: State, force: bool) -> int:
     # unless it must.
     from agent.enroll import JoinError, join
 
-    try:
-        lock = _lock_or_say_why(state, "joining")
-    except OSError as exc:
-        return fail(f"join failed: {exc} (run as root)")
+    lock = _lock_or_say_why(state, "joining", "join failed")
     if isinstance(lock, int):
         return lock
     try:
@@ -255,10 +256,7 @@ def cmd_set_server(url: str, config: AgentConfig, state: State) -> int:
     if enrollment is None:
         return fail(f"not enrolled (no identity in {state.dir}): run `virtfleet-agent join -`",
                     EXIT_NOT_ENROLLED)
-    try:
-        lock = _lock_or_say_why(state, "moving it to another server URL")
-    except OSError as exc:
-        return fail(f"set-server failed: {exc} (run as root)")
+    lock = _lock_or_say_why(state, "moving it to another server URL", "set-server failed")
     if isinstance(lock, int):
         return lock
     try:
@@ -299,11 +297,7 @@ def use_enrollment(config: AgentConfig, state: State, enrollment: Enrollment) ->
 
 async def cmd_run(config: AgentConfig, state: State, config_path: Path,
                   once: bool = False) -> int:
-    try:
-        lock = _lock_or_say_why(state, None)
-    except OSError as exc:
-        log.error("cannot use the state dir %s: %s", state.dir, exc)
-        return EXIT_FAILED
+    lock = _lock_or_say_why(state, None, f"cannot use the state dir {state.dir}")
     if isinstance(lock, int):
         return lock
     try:

@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
+from agent import collectors
 from agent.certs import CertManager, renewal_time
 from agent.checkin import Outcome, StatusBook, Verdict, check_in, clamp_interval, follow_server
 from agent.client import ServerClient
@@ -47,6 +49,19 @@ MOVE_RETRY = 600.0
 HUNG_CHECKIN = 180.0
 
 
+FACTS_PROBE = 15.0
+SYSFS_FACTS = ("kvm", "memory", "numa", "pci")  # collectors that read only /proc and /sys
+
+
+def sysfs_facts(facts: dict[str, Any]) -> Any:
+    """The /proc and /sys facts of a report, without their usage figures."""
+    return wire.steady({name: (facts.get(name) or {}).get("data") for name in SYSFS_FACTS})
+
+
+def read_sysfs_facts() -> Any:
+    return sysfs_facts(collectors.run_all(collectors.Context(), SYSFS_FACTS))
+
+
 def _clock(when: float | None) -> str:
     """A time of day for STATUS= lines: unlike "N s ago" it stays true until replaced."""
     return time.strftime("%H:%M:%S", time.localtime(when)) if when else "never"
@@ -71,6 +86,7 @@ class Runner:
         self._reported_down = asyncio.Event()
         self._libvirtd_up: bool | None = None  # as last seen, for the up/down events
         self._move_tried = -MOVE_RETRY  # monotonic time of the last try at a new server URL
+        self.sent_facts: Any = None  # the /sys facts, as the server last heard them
         # The last interval the server gave (clamped), by this process or an earlier one.
         interval = self.book.last.get("interval")
         self._interval = clamp_interval(interval) if isinstance(interval, (int, float)) \
@@ -82,6 +98,7 @@ class Runner:
         assert self.certs.task is not None
         self._tasks = [asyncio.create_task(self._checkin_loop(), name="checkin"),
                        asyncio.create_task(self._libvirtd_watch(), name="libvirtd-watch"),
+                       asyncio.create_task(self._facts_watch(), name="facts-watch"),
                        self.certs.task]
         interval = notify.watchdog_interval()
         if interval is not None:
@@ -145,6 +162,7 @@ class Runner:
         answer = outcome.answer
         assert answer is not None
         self.backoff.reset()
+        self.sent_facts = sysfs_facts(outcome.report.facts)
         self.reported_libvirtd_ok = outcome.report.libvirtd.ok
         if not outcome.report.libvirtd.ok:
             self._reported_down.set()
@@ -194,6 +212,22 @@ class Runner:
             if self._healthy():
                 notify.watchdog()
             await asyncio.sleep(interval)
+
+    # -- facts watch ----------------------------------------------------------------
+
+    async def _facts_watch(self) -> None:
+        """What an engine schedules on and only an operator changes (hugepages reserved, a
+        GPU given to another driver, KVM loaded): read from /proc and /sys every
+        FACTS_PROBE seconds, no libvirt call, and reported at once when it differs from what
+        the server last heard, not a whole interval later."""
+        while True:
+            await asyncio.sleep(FACTS_PROBE)
+            await self.probe_facts()
+
+    async def probe_facts(self) -> None:
+        seen = await asyncio.to_thread(read_sysfs_facts)
+        if self.sent_facts is not None and seen != self.sent_facts:
+            self.early.set()
 
     # -- libvirtd watch -------------------------------------------------------------
 

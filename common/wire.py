@@ -50,6 +50,23 @@ ROLE_CAPABILITIES: dict[str, frozenset[str]] = {
 }
 
 
+# Usage figures in host facts: they move with every look (free memory, load, free space,
+# free hugepages, running domains). A change of them alone is no change of what a host
+# offers: the agent does not check in early for one, and the engine API makes no event.
+USAGE_KEYS = frozenset({"load", "memory_available", "memory_free", "available", "allocation",
+                        "free", "free_hugepages", "running_domains", "domains", "seconds",
+                        "available_instances", "last_checkin"})
+
+
+def steady(value: Any) -> Any:
+    """`value` (JSON-like) without its usage figures."""
+    if isinstance(value, dict):
+        return {k: steady(v) for k, v in value.items() if k not in USAGE_KEYS}
+    if isinstance(value, list):
+        return [steady(v) for v in value]
+    return value
+
+
 def role_within(role: str, limit: str) -> bool:
     """True when `role` asks for no capability beyond what `limit` grants."""
     return ROLE_CAPABILITIES[role] <= ROLE_CAPABILITIES[limit]

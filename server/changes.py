@@ -23,10 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from common import wire
+
 KEEP = 10_000  # changes kept for watchers that resume
-VOLATILE = frozenset({"load", "memory_available", "memory_free", "available", "allocation",
-                      "free", "free_hugepages", "running_domains", "domains", "seconds",
-                      "available_instances", "last_checkin"})
 WATCHER_QUEUE = 1000  # changes a watcher may lag behind before it is cut off (it lists again)
 
 
@@ -107,13 +106,4 @@ class ChangeLog:
 
 
 def _digest(record: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(_steady(record), sort_keys=True).encode()).hexdigest()
-
-
-def _steady(value: Any) -> Any:
-    """`value` without its usage figures."""
-    if isinstance(value, dict):
-        return {k: _steady(v) for k, v in value.items() if k not in VOLATILE}
-    if isinstance(value, list):
-        return [_steady(v) for v in value]
-    return value
+    return hashlib.sha256(json.dumps(wire.steady(record), sort_keys=True).encode()).hexdigest()

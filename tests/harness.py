@@ -8,6 +8,7 @@ the machine's own libvirt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -66,6 +67,23 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+
+def same_mount_namespace(pid: int) -> list[int]:
+    """Other processes in `pid`'s mount namespace (a test libvirtd's private one)."""
+    try:
+        mine = os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return []
+    if mine == os.readlink("/proc/self/ns/mnt"):
+        return []  # not a private namespace: nothing to sweep
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != pid:
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "ns" / "mnt") == mine:
+                    found.append(int(entry.name))
+    return found
 
 
 class Libvirtd:
@@ -194,8 +212,13 @@ class Libvirtd:
         pid = self.pid()
         if pid is None:
             return
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not pid_alive(pid), 10, "libvirtd to exit")
+        # Its QEMU processes (guests, capability probes) share its private mount
+        # namespace: killed with it, or they would outlive it as orphans.
+        family = same_mount_namespace(pid)
+        for member in [pid, *family]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, signal.SIGKILL)
+        wait_for(lambda: not any(pid_alive(p) for p in [pid, *family]), 10, "libvirtd to exit")
         (self.sock_dir / "libvirt-sock").unlink(missing_ok=True)
 
 

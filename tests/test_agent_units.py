@@ -646,3 +646,30 @@ def test_a_check_in_asked_to_renew_neither_waits_for_the_renewal_nor_comes_back_
     delay, took, healthy = asyncio.run(scenario())
     assert delay == MIN_INTERVAL and took < 5 and healthy
     assert json.loads((state.dir / "status.json").read_text())["status"] == "online"
+
+
+def test_a_change_in_the_sysfs_facts_asks_for_an_early_check_in() -> None:
+    from agent import runner as runner_mod
+
+    async def probe(changed: bool) -> bool:
+        runner = runner_mod.Runner.__new__(runner_mod.Runner)  # only the facts watch
+        runner.early = asyncio.Event()
+        seen = runner_mod.read_sysfs_facts()
+        runner.sent_facts = seen if not changed else {**seen, "memory": {"hugepages": [1]}}
+        await runner.probe_facts()
+        return runner.early.is_set()
+
+    assert asyncio.run(probe(changed=True))
+    assert not asyncio.run(probe(changed=False))  # this machine's own facts, read twice
+
+
+def test_usage_figures_are_no_change_of_the_facts() -> None:
+    from agent.runner import sysfs_facts
+
+    def facts(free: int, total: int) -> dict[str, object]:
+        return {"memory": {"ok": True, "seconds": free / 1e9, "data": {
+            "total": 8 << 30, "free": free, "hugepages": [{"size_kib": 2048, "total": total,
+                                                           "free": free % 7}]}}}
+
+    assert sysfs_facts(facts(1 << 30, 0)) == sysfs_facts(facts(3 << 30, 0))
+    assert sysfs_facts(facts(1 << 30, 0)) != sysfs_facts(facts(1 << 30, 512))
