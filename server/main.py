@@ -104,7 +104,10 @@ class HostEvents:
         if host is None:
             host = self.store.get_host(host_id)
         self.links.host_changed(host_id, libvirtd_recovered, host)
-        self.gateway.sync(host_id, host is not None and host.admin_state == AdminState.ENABLED)
+        # A socket for each enabled host that said where its libvirtd is: one that never did
+        # cannot be reached at all, and 10,000 sockets for none would cost 10,000 files.
+        self.gateway.sync(host_id, host is not None and host.admin_state == AdminState.ENABLED
+                          and host.report.libvirt_endpoint is not None)
         if host is None:
             self.feed.remove(host_id)
         else:
