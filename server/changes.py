@@ -7,9 +7,14 @@ newer than anything: the server restarted and lost its memory) gets told to list
 again (HTTP 410), never a silent gap. Revisions start from the clock at start-up, so
 they only grow across restarts.
 
-Usage figures (free memory, load, free pool or hugepage space, running domains) are
+Usage figures (`wire.USAGE_KEYS`: free memory, load, free space, running domains) are
 current in every record, but a change of them alone is no change: they move with every
 check-in, and an engine would be woken ten times a second by nothing.
+
+Records are kept as the JSON they are sent as (a few KB a host), not as Python objects
+(ten times that: 10,000 hosts' facts as dicts doubled the server's memory), and each
+host's last check-in apart, spliced in when a record is sent: it changes at every
+check-in and is no change either.
 """
 
 from __future__ import annotations
@@ -33,11 +38,8 @@ WATCHER_QUEUE = 1000  # changes a watcher may lag behind before it is cut off (i
 class Change:
     revision: int
     type: str  # added | modified | removed
-    host: dict[str, Any]
-
-    def line(self) -> bytes:
-        return json.dumps({"type": self.type, "revision": self.revision, "host": self.host},
-                          separators=(",", ":")).encode() + b"\n"
+    host_id: str
+    record: bytes  # the host's record as JSON, without its last check-in
 
 
 class Gone(Exception):
@@ -49,31 +51,53 @@ class ChangeLog:
         self.revision = int(clock() * 1000)
         self.first = self.revision  # changes after this one are kept
         self._changes: collections.deque[Change] = collections.deque(maxlen=keep)
-        self._records: dict[str, dict[str, Any]] = {}
-        self._digests: dict[str, str] = {}
+        self._records: dict[str, bytes] = {}
+        self._digests: dict[str, bytes] = {}
+        self._checkins: dict[str, float | None] = {}
         self._watchers: set[asyncio.Queue[Change | None]] = set()
 
-    def records(self) -> tuple[int, list[dict[str, Any]]]:
-        return self.revision, list(self._records.values())
+    # -- what is sent --------------------------------------------------------------
 
-    def get(self, host_id: str) -> dict[str, Any] | None:
-        return self._records.get(host_id)
+    def listing(self) -> bytes:
+        """`{"revision": N, "hosts": [...]}`, as JSON."""
+        hosts = b",".join(self._sendable(h, r) for h, r in self._records.items())
+        return b'{"revision":%d,"hosts":[%s]}' % (self.revision, hosts)
+
+    def get(self, host_id: str) -> bytes | None:
+        record = self._records.get(host_id)
+        return None if record is None else self._sendable(host_id, record)
+
+    def line(self, change: Change) -> bytes:
+        return b'{"type":"%s","revision":%d,"host":%s}\n' % (
+            change.type.encode(), change.revision, self._sendable(change.host_id, change.record))
+
+    def _sendable(self, host_id: str, record: bytes) -> bytes:
+        checkin = json.dumps(self._checkins.get(host_id)).encode()
+        return b'{"last_checkin":%s,%s' % (checkin, record[1:])
+
+    # -- what changes -----------------------------------------------------------
+
+    def checked_in(self, host_id: str, at: float | None) -> None:
+        self._checkins[host_id] = at
 
     def update(self, host_id: str, record: dict[str, Any]) -> None:
-        """The host's current record; a new revision if anything but usage changed."""
-        digest = _digest(record)
+        """The host's current record (without `last_checkin`); a new revision if anything
+        but usage changed."""
+        text = json.dumps(record, separators=(",", ":")).encode()
+        digest = hashlib.sha256(json.dumps(wire.steady(record), sort_keys=True).encode()).digest()
         known = host_id in self._records
-        self._records[host_id] = record
+        self._records[host_id] = text
         if self._digests.get(host_id) == digest:
             return
         self._digests[host_id] = digest
-        self._publish(Change(self.revision + 1, "modified" if known else "added", record))
+        self._publish(Change(self.revision + 1, "modified" if known else "added", host_id, text))
 
     def remove(self, host_id: str) -> None:
         record = self._records.pop(host_id, None)
         self._digests.pop(host_id, None)
         if record is not None:
-            self._publish(Change(self.revision + 1, "removed", record))
+            self._publish(Change(self.revision + 1, "removed", host_id, record))
+        self._checkins.pop(host_id, None)
 
     def _publish(self, change: Change) -> None:
         self.revision = change.revision
@@ -86,6 +110,8 @@ class ChangeLog:
                 queue.put_nowait(None)  # too far behind: it must list again
             else:
                 queue.put_nowait(change)
+
+    # -- watchers ---------------------------------------------------------------------
 
     def watch(self, since: int) -> tuple[list[Change], asyncio.Queue[Change | None]]:
         """The kept changes after `since`, and a queue of those to come (None: cut off)."""
@@ -103,7 +129,3 @@ class ChangeLog:
     @property
     def watchers(self) -> int:
         return len(self._watchers)
-
-
-def _digest(record: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(wire.steady(record), sort_keys=True).encode()).hexdigest()

@@ -72,17 +72,17 @@ class EngineFeed:
     def __init__(self, changes: ChangeLog, gateway_uri: Callable[[str], str],
                  states: Mapping[str, Connection]) -> None:
         self.changes, self.gateway_uri, self.states = changes, gateway_uri, states
-        # What each host's record was built from: a check-in that changed nothing of it
-        # (the same report text, status and intent) costs a comparison, not a rebuild.
-        self._built_from: dict[str, tuple[Any, ...]] = {}
+        # What each host's record was built from (its hash: the report text is kilobytes): a
+        # check-in that changed nothing of it costs a comparison, not a rebuild.
+        self._built_from: dict[str, int] = {}
 
     def publish(self, host: Host) -> None:
         state = self.states.get(host.id)
         link = str(state.state) if state else "closed"
-        source = (host.report_text, host.status, host.detail, host.role, host.admin_state, link)
-        record = self.changes.get(host.id)
-        if record is not None and self._built_from.get(host.id) == source:
-            record["last_checkin"] = host.last_checkin
+        source = hash((host.report_text, host.status, host.detail, host.role, host.admin_state,
+                       link))
+        self.changes.checked_in(host.id, host.last_checkin)
+        if self._built_from.get(host.id) == source:
             return
         self._built_from[host.id] = source
         self.changes.update(host.id, host_record(host, self.gateway_uri(host.id), {"state": link}))

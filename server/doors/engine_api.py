@@ -53,14 +53,13 @@ async def get_host(request: web.Request) -> web.Response:
     record = request.app[CHANGES].get(request.match_info["id"])
     if record is None:
         return error_response(404, "not_found", f"no host {request.match_info['id']!r}")
-    return web.json_response(record)
+    return web.Response(body=record, content_type="application/json")
 
 
 async def list_or_watch(request: web.Request) -> web.StreamResponse:
     changes: ChangeLog = request.app[CHANGES]
     if request.query.get("watch") not in ("1", "true"):
-        revision, hosts = changes.records()
-        return web.json_response({"revision": revision, "hosts": hosts})
+        return web.Response(body=changes.listing(), content_type="application/json")
     try:
         since = int(request.query.get("since", ""))
     except ValueError:
@@ -80,7 +79,7 @@ async def _stream(request: web.Request, changes: ChangeLog, backlog: list[Any],
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     for change in backlog:
-        await response.write(change.line())
+        await response.write(changes.line(change))
     while True:
         try:
             change = await asyncio.wait_for(queue.get(), HEARTBEAT)
@@ -90,7 +89,7 @@ async def _stream(request: web.Request, changes: ChangeLog, backlog: list[Any],
             continue
         if change is None:  # fell too far behind: the client lists again
             break
-        await response.write(change.line())
+        await response.write(changes.line(change))
     return response
 
 
@@ -148,7 +147,8 @@ DOCUMENT = {
 
 
 def host_record(host: Any, gateway_uri: str, connection: dict[str, Any]) -> dict[str, Any]:
-    """What an engine knows of a host (`host`: a model.Host)."""
+    """What an engine knows of a host (`host`: a model.Host), but for its last check-in
+    (changes.ChangeLog keeps that apart)."""
     from common import wire
 
     report = host.report
@@ -159,7 +159,7 @@ def host_record(host: Any, gateway_uri: str, connection: dict[str, Any]) -> dict
         "detail": host.detail, "role": host.role,
         "capabilities": sorted(wire.ROLE_CAPABILITIES[host.role]),
         "admin_state": str(host.admin_state), "gateway_uri": gateway_uri,
-        "last_checkin": host.last_checkin, "address": host.address,
+        "address": host.address,
         "libvirtd": {"ok": report.libvirtd.ok, "error": report.libvirtd.error},
         "connection": connection, "facts": facts,
     }
