@@ -32,7 +32,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     yield start
     for srv in servers:
-        srv.proc.stop()
+        srv.close()
 
 
 @pytest.fixture

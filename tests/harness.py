@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -290,6 +291,11 @@ class Server:
     def token(self, *args: str) -> str:
         return str(self.admin_json("token", "create", *args)["join"])
 
+    def close(self) -> None:
+        """Stop it and remove its run dir (a server killed with SIGKILL leaves it behind)."""
+        self.proc.stop()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
     def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """The admin API called from this process: polls cost no process each (the
         command line is tested with `admin`)."""
@@ -428,5 +434,5 @@ class Fleet:
         for _ns, lv, agent in self.hosts:
             agent.stop()
             lv.stop()
-        self.server.proc.stop()
+        self.server.close()
         self.net.close()
