@@ -485,8 +485,10 @@ def test_opens_in_flight_are_bounded_over_all_hosts() -> None:
                                                         Needs("disk_operations")))
                         for i in range(10)]
             await until(lambda: most == 3, "three opens running")
-            await asyncio.sleep(0.05)
-            assert most == 3  # the other seven wait for a slot, not for a thread
+            # The other seven wait for a slot, not for a thread: every slot is taken and
+            # none of them has finished.
+            assert opener._slots.locked() and not any(a.done() for a in attempts)
+            assert most == 3
             gate.set()
             results = await asyncio.gather(*attempts, return_exceptions=True)
             assert all(isinstance(r, OpenError) for r in results)
