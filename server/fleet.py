@@ -9,7 +9,6 @@ render the answer.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import secrets
 import time
@@ -162,7 +161,7 @@ class Fleet:
             detail=f"{what} with join token {jti} from {address}",
             status_since=now, enrolled_at=replaces.enrolled_at if replaces else now,
             last_checkin=now, address=address, agent_version=report.agent_version, token_jti=jti)
-        host.take_report(report, json.dumps(wire.to_json(report)))
+        host.take_report(report)
         return host
 
     def _csr(self, pem: str, what: str) -> x509.CertificateSigningRequest:
@@ -215,7 +214,7 @@ class Fleet:
             raise rate_limited(self._checkins, host.id, "check-ins from this host")
         report = req.report
         was_ok, old_name, old_role = host.libvirtd_ok, host.hostname, host.configured_role
-        host.take_report(report, json.dumps(wire.to_json(report)))
+        host.take_report(report)
         role_allowed = wire.role_within(report.role, host.role_limit)
         if not role_allowed:
             host.configured_role = old_role  # the report says what it asked for (status shows it)
@@ -306,6 +305,16 @@ class Fleet:
         self.store.forget_host(host.id, time.time())
         self.links.host_changed(host.id)
         log.warning("host %s (%s) forgotten by an administrator", host.hostname, host.id)
+
+
+def retire_previous_libvirt_cert(store: Store, host_id: str, serial: str) -> None:
+    """A link opened with this libvirtd certificate: once the renewed one is served, the
+    one before it is accepted no more."""
+    host = store.get_host(host_id)
+    if host is None or not host.prev_libvirt_cert_serial or serial != host.libvirt_cert_serial:
+        return
+    store.update_host(host_id, prev_libvirt_cert_serial=None)
+    store.revoke_libvirt_certs(host_id, (serial,), time.time())
 
 
 def checkin_delay(host_id: str, now: float, interval: float) -> float:

@@ -30,7 +30,7 @@ from server.doors import admin_api, agent_api, engine_api
 from server.doors.engine_api import host_record
 from server.doors.gateway import Gateway
 from server.doors.guard import HANDSHAKE_TIMEOUT, ConnectionGuard, OncePer, raise_file_limit
-from server.fleet import Fleet
+from server.fleet import Fleet, retire_previous_libvirt_cert
 from server.hosts import HostStatus
 from server.links.direct import Stream, dial
 from server.links.manager import LinkManager, target_of
@@ -151,16 +151,6 @@ async def dial_host(store: Store, ctx: ssl.SSLContext, host_id: str) -> Stream:
         raise LookupError(f"host {host_id} has no libvirt endpoint")
     stream, _serial = await dial(target_of(host), ctx)
     return stream
-
-
-def retire_previous_libvirt_cert(store: Store, host_id: str, serial: str) -> None:
-    """A link opened with this libvirtd certificate: once the renewed one is served, the
-    one before it is accepted no more."""
-    host = store.get_host(host_id)
-    if host is None or not host.prev_libvirt_cert_serial or serial != host.libvirt_cert_serial:
-        return
-    store.update_host(host_id, prev_libvirt_cert_serial=None)
-    store.revoke_libvirt_certs(host_id, (serial,), time.time())
 
 
 class Supervisor:

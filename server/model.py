@@ -121,9 +121,9 @@ class Host:
             self._report = parse_report(self.report_text)
         return self._report
 
-    def take_report(self, report: wire.Report, text: str) -> None:
-        """A check-in's report, typed and as the text that will be stored."""
-        self._report, self.report_text = report, text
+    def take_report(self, report: wire.Report) -> None:
+        """A check-in's (or an enrollment's) report: typed, and as the text to store."""
+        self._report, self.report_text = report, json.dumps(wire.to_json(report))
         self.libvirtd_ok = report.libvirtd.ok
         self.hostname, self.configured_role = report.hostname, report.role
         self.agent_version = report.agent_version

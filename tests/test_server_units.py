@@ -4,7 +4,6 @@ manager's state machine (with a fake opener) and the opener's bounds, the superv
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import socket
 import threading
@@ -48,7 +47,7 @@ def make_host(rep: wire.Report | None = None, **kw: Any) -> Host:
         enrolled_at=0, last_checkin=100, address="10.0.0.1", agent_version="1", token_jti="t1")
     host = Host(**(base | kw))
     rep = rep or report(role=host.configured_role)
-    host.take_report(rep, json.dumps(wire.to_json(rep)))
+    host.take_report(rep)
     return host
 
 
@@ -170,7 +169,7 @@ def test_a_queued_check_in_is_seen_by_the_next_lookup_and_by_every_read(tmp_path
     store = store_with(tmp_path, [make_host(cert_serial="s1", last_checkin=1)])
     host = store.host_by_serial("s1")
     assert host is not None and host.libvirtd_ok
-    host.take_report(report(ok=False), json.dumps(wire.to_json(report(ok=False))))
+    host.take_report(report(ok=False))
     store.record_checkin(host, "10.0.0.9", now=50)
     again = store.host_by_serial("s1")  # laid over the row, not flushed
     assert again is not None and not again.libvirtd_ok and again.last_checkin == 50
@@ -349,6 +348,14 @@ def run_manager(plan: list[str], scenario: Any) -> tuple[FakeOpener, list[Connec
     return opener, seen
 
 
+def online_conn(manager: LinkManager, states: dict[str, Connection], host_id: str) -> Any:
+    """The host's open connection while its link is online, else None."""
+    link, state = manager.links.get(host_id), states.get(host_id)
+    if link is None or link.opened is None or state is None or state.state != LinkState.ONLINE:
+        return None
+    return link.opened.conn
+
+
 async def until(condition: Any, what: str, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -372,12 +379,12 @@ def test_a_failed_open_is_an_error_and_libvirtd_back_retries_at_once() -> None:
 
 def test_a_closed_link_is_reported_lost_and_reopened() -> None:
     async def scenario(manager: LinkManager, states: dict[str, Connection], host: Host) -> None:
-        await until(lambda: manager.get("h1") is not None, "online")
+        await until(lambda: online_conn(manager, states, "h1") is not None, "online")
         first = manager.links["h1"].opened
         assert first is not None
         first.close_reason = "no keepalive answer"
         first.closed.set()
-        await until(lambda: manager.get("h1") not in (None, first.conn), "reopened")
+        await until(lambda: online_conn(manager, states, "h1") not in (None, first.conn), "reopened")
 
     opener, seen = run_manager(["ok"], scenario)
     assert len(opener.opened) == 2 and opener.closed[0] is opener.opened[0]
@@ -404,7 +411,7 @@ def test_a_host_that_is_not_ready_costs_no_task() -> None:
     async def scenario(manager: LinkManager, states: dict[str, Connection], host: Host) -> None:
         manager.host_changed("h2", host=make_host(report(endpoint=False), id="h2"))
         assert manager.links["h2"].task is None and "h2" not in states
-        await until(lambda: manager.get("h1") is not None, "h1 online")
+        await until(lambda: online_conn(manager, states, "h1") is not None, "h1 online")
 
     run_manager(["ok"], scenario)
 
@@ -418,10 +425,26 @@ async def socket_stream() -> tuple[Any, socket.socket]:
     return await asyncio.open_connection(sock=ours), theirs
 
 
+class SilentDial:
+    """A dial whose host never says anything; `close()` hangs up every such host."""
+
+    def __init__(self) -> None:
+        self.peers: list[socket.socket] = []
+
+    async def __call__(self, target: Target, ctx: Any) -> Any:
+        stream, peer = await socket_stream()
+        self.peers.append(peer)
+        return stream, "a1"
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.close()
+
+
 def test_an_open_that_succeeds_after_its_deadline_is_closed_and_the_slot_comes_back() -> None:
     release = threading.Event()
     late = FakeConn()
-    peers: list[socket.socket] = []
+    dial = SilentDial()
 
     def slow_open(uri: str) -> Any:
         path = uri.split("socket=", 1)[1]
@@ -430,13 +453,9 @@ def test_an_open_that_succeeds_after_its_deadline_is_closed_and_the_slot_comes_b
             release.wait(5)
         return late
 
-    async def fake_dial(target: Target, ctx: Any) -> Any:
-        stream, peer = await socket_stream()
-        peers.append(peer)
-        return stream, "a1"
 
     async def main() -> None:
-        opener = LibvirtOpener(None, max_opens=1, open_timeout=0.2, dial=fake_dial,  # type: ignore[arg-type]
+        opener = LibvirtOpener(None, max_opens=1, open_timeout=0.2, dial=dial,  # type: ignore[arg-type]
                                libvirt_open=slow_open)
         target = Target("h1", "10.0.0.1", 1, ("a1",))
         try:
@@ -451,8 +470,7 @@ def test_an_open_that_succeeds_after_its_deadline_is_closed_and_the_slot_comes_b
             opener.stop()
 
     asyncio.run(main())
-    for peer in peers:
-        peer.close()
+    dial.close()
 
 
 def test_opens_in_flight_are_bounded_over_all_hosts() -> None:
@@ -470,15 +488,10 @@ def test_opens_in_flight_are_bounded_over_all_hosts() -> None:
             running -= 1
         raise __import__("libvirt").libvirtError("refused by the fake")
 
-    peers: list[socket.socket] = []
-
-    async def fake_dial(target: Target, ctx: Any) -> Any:
-        stream, peer = await socket_stream()
-        peers.append(peer)
-        return stream, "a1"
+    dial = SilentDial()
 
     async def main() -> None:
-        opener = LibvirtOpener(None, max_opens=3, open_timeout=5, dial=fake_dial,  # type: ignore[arg-type]
+        opener = LibvirtOpener(None, max_opens=3, open_timeout=5, dial=dial,  # type: ignore[arg-type]
                                libvirt_open=counting_open)
         try:
             attempts = [asyncio.create_task(opener.open(Target(f"h{i}", "10.0.0.1", 1, ("a1",)),
@@ -496,8 +509,7 @@ def test_opens_in_flight_are_bounded_over_all_hosts() -> None:
             opener.stop()
 
     asyncio.run(main())
-    for peer in peers:
-        peer.close()
+    dial.close()
 
 
 def test_a_port_that_accepts_and_never_answers_costs_a_timer_not_a_thread() -> None:

@@ -22,8 +22,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import libvirt
-
 from common.backoff import Backoff
 from common.logs import event
 from server.hosts import dial_blocker
@@ -97,14 +95,6 @@ class LinkManager:
         self._started = False
 
     # -- what the rest of the server reads ------------------------------------------
-
-    def get(self, host_id: str) -> libvirt.virConnect | None:
-        """The open libvirt connection to a host, or None when it is not online."""
-        link = self.links.get(host_id)
-        state = self.states.get(host_id)
-        if link is None or link.opened is None or state is None or state.state != LinkState.ONLINE:
-            return None
-        return link.opened.conn
 
     def describe(self, host_id: str) -> dict[str, Any]:
         link = self.links.get(host_id)
