@@ -12,7 +12,9 @@ import asyncio
 import datetime as dt
 import enum
 import logging
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ from agent.local_libvirt import LocalLibvirt
 from agent.report import build_report
 from agent.state import Enrollment, State
 from common import wire
+from common.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +36,29 @@ log = logging.getLogger(__name__)
 # (30 s by default) mark the host offline for nothing.
 MIN_INTERVAL = 0.5
 MAX_INTERVAL = 300.0
+# Between changes a check-in is a heartbeat; the full report still goes this often, so
+# the usage figures in it (free memory, load, free space) are never older than this.
+REPORT_REFRESH = 300.0
 JOIN_AGAIN = "virtfleet-agent join --force '<JOIN>'"
 UNKNOWN_HOST = "unknown_host"  # server/fleet.py: no host holds this certificate
 
 
 def clamp_interval(seconds: float) -> float:
     return min(max(seconds, MIN_INTERVAL), MAX_INTERVAL)
+
+
+def retry_delay(backoff: Backoff, retry_after: float, no_answer: bool, window: float,
+                rand: Callable[[], float] = random.random) -> float:
+    """How long to wait after a failed check-in. `no_answer`: the connection failed before
+    any HTTP answer (nothing listening, turned away before TLS by a busy server, cut off
+    by a restart, a timeout): the retry comes at a random moment of the server's
+    reconnect window (its last answer's), so a crowd of agents cut off together comes
+    back spread over it, and every agent is back within it once the server is. Otherwise
+    (a refusal, a 5xx) the jittered backoff, at least what a Retry-After said."""
+    if no_answer and window > 0:
+        backoff.failures += 1
+        return rand() * min(window, MAX_INTERVAL)
+    return backoff.next_delay(retry_after)
 
 
 class Verdict(enum.Enum):
@@ -49,6 +69,25 @@ class Verdict(enum.Enum):
     IDENTITY_GONE = "identity_gone"  # forgotten, or expired: only a new join helps
 
 
+@dataclass(frozen=True)
+class Acked:
+    """The report the server last acknowledged: its digest (what heartbeats carry), what
+    of it counts as a change (`wire.steady`), and when it was sent (monotonic)."""
+
+    digest: str
+    steady: Any
+    at: float
+
+    def still_current(self, report: wire.Report, now: float) -> bool:
+        """Whether a heartbeat may stand for `report`: nothing but usage changed, and the
+        last full report is recent."""
+        return now - self.at < REPORT_REFRESH and steady_part(report) == self.steady
+
+
+def steady_part(report: wire.Report) -> Any:
+    return wire.steady(wire.to_json(report))
+
+
 @dataclass
 class Outcome:
     report: wire.Report
@@ -56,6 +95,8 @@ class Outcome:
     error: ServerError | None = None
     verdict: Verdict = Verdict.OK
     message: str = ""  # why it failed and what to do, for the operator
+    acked: Acked | None = None  # after a success: what the next heartbeat stands for
+    heartbeat: bool = False  # the successful call carried the digest, not the report
 
     @property
     def ok(self) -> bool:
@@ -91,15 +132,25 @@ def expired_since(state: State) -> str | None:
 
 
 async def check_in(client: ServerClient, config: AgentConfig, state: State,
-                   local: LocalLibvirt) -> Outcome:
-    """Collect the report and make the call; no waiting, no renewing, no recording."""
+                   local: LocalLibvirt, acked: Acked | None = None) -> Outcome:
+    """Collect the report and make the call; no waiting, no renewing, no recording.
+    `acked`: the report the server last acknowledged: when the new one differs from it
+    only in usage, the call is a heartbeat carrying its digest (the full report follows
+    at once if the server asks for it)."""
     report = await build_report(config, local)
     try:
+        if acked is not None and acked.still_current(report, time.monotonic()):
+            answer = await client.heartbeat(acked.digest)
+            if not answer.send_report:
+                return Outcome(report, answer=answer, acked=acked, heartbeat=True)
         answer = await client.checkin(report)
     except ServerError as exc:
         verdict, message = judge(exc, state, config)
         return Outcome(report, error=exc, verdict=verdict, message=message)
-    return Outcome(report, answer=answer)
+    # A server of protocol 2 or older names no digest: it gets the full report each time.
+    sent = Acked(answer.report_digest, steady_part(report), time.monotonic()) \
+        if answer.report_digest else None
+    return Outcome(report, answer=answer, acked=sent)
 
 
 async def follow_server(answer: wire.CheckinResponse, enrollment: Enrollment, state: State,
@@ -146,8 +197,10 @@ class StatusBook:
                                   "next_at": None if next_in is None else now + next_in}
         if outcome.answer is not None:
             fields |= {"status": outcome.answer.status, "detail": outcome.answer.detail,
-                       "last_success": now,
+                       "last_success": now, "sent": "heartbeat" if outcome.heartbeat else "report",
                        "interval": clamp_interval(outcome.answer.checkin_interval)}
+            if not outcome.heartbeat:
+                fields["report_at"] = now
         self.last = self.last | fields
         if outcome.ok:
             self.last.pop("error", None)

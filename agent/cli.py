@@ -447,6 +447,8 @@ def _print_status(data: dict[str, Any]) -> None:
         print("last check-in: none yet")
     else:
         result = "ok" if status.get("ok") else f"FAILED: {status.get('error')}"
+        if status.get("ok") and status.get("sent") == "heartbeat":
+            result += f" (a heartbeat; the full report went {ago(status.get('report_at'))})"
         print(f"last check-in: {when(status.get('at'))} ({ago(status.get('at'))}): {result}")
         if status.get("next_at") and pid is not None:
             print(f"next check-in: due {when(status['next_at'])} ({ago(status['next_at'])})")

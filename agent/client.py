@@ -64,6 +64,7 @@ class ServerError(Exception):
 ROLE_REFUSED = "role_refused"  # server/fleet.py's code for a role beyond the token's
 
 
+
 class Connection:
     """One kept-alive HTTPS connection to the server. `exchange` blocks: callers run it in
     a worker thread, one call at a time."""
@@ -234,6 +235,11 @@ class ServerClient:
 
     async def checkin(self, report: wire.Report) -> wire.CheckinResponse:
         body = wire.to_json(wire.CheckinRequest(report=report))
+        return await call(self._current(), wire.CHECKIN_PATH, body, wire.CheckinResponse)
+
+    async def heartbeat(self, digest: str) -> wire.CheckinResponse:
+        """A check-in without the report: `digest` is the server's for the last one."""
+        body = {"report_digest": digest, "protocol": wire.PROTOCOL_VERSION}
         return await call(self._current(), wire.CHECKIN_PATH, body, wire.CheckinResponse)
 
     async def renew(self, csr: str, libvirt_csr: str | None) -> wire.Identity:

@@ -24,7 +24,8 @@ from typing import Any
 
 from agent import collectors
 from agent.certs import CertManager, renewal_time
-from agent.checkin import Outcome, StatusBook, Verdict, check_in, clamp_interval, follow_server
+from agent.checkin import (Acked, Outcome, StatusBook, Verdict, check_in, clamp_interval,
+                           follow_server, retry_delay)
 from agent.client import ServerClient
 from agent.config import AgentConfig
 from agent.local_libvirt import LocalLibvirt
@@ -87,6 +88,8 @@ class Runner:
         self._libvirtd_up: bool | None = None  # as last seen, for the up/down events
         self._move_tried = -MOVE_RETRY  # monotonic time of the last try at a new server URL
         self.sent_facts: Any = None  # the /sys facts, as the server last heard them
+        self.acked: Acked | None = None  # the report the server last acknowledged
+        self.reconnect_window = 0.0  # the server's, from its last answer
         # The last interval the server gave (clamped), by this process or an earlier one.
         interval = self.book.last.get("interval")
         self._interval = clamp_interval(interval) if isinstance(interval, (int, float)) \
@@ -139,7 +142,7 @@ class Runner:
 
     async def checkin_once(self) -> float | None:
         """One check-in; how long to wait before the next, or None to stop."""
-        outcome = await check_in(self.client, self.config, self.state, self.local)
+        outcome = await check_in(self.client, self.config, self.state, self.local, self.acked)
         self._saw_libvirtd(outcome.report.libvirtd.ok)
         delay = self._succeeded(outcome) if outcome.ok else self._failed(outcome)
         self.book.record(outcome, delay)
@@ -162,6 +165,7 @@ class Runner:
         answer = outcome.answer
         assert answer is not None
         self.backoff.reset()
+        self.acked = outcome.acked
         self.sent_facts = sysfs_facts(outcome.report.facts)
         self.reported_libvirtd_ok = outcome.report.libvirtd.ok
         if not outcome.report.libvirtd.ok:
@@ -172,6 +176,7 @@ class Runner:
         if answer.renew:
             self.certs.request()  # in its own task: this check-in is done
         self._interval = clamp_interval(answer.checkin_interval)
+        self.reconnect_window = answer.reconnect_window
         return self._interval
 
     def _failed(self, outcome: Outcome) -> float | None:
@@ -191,7 +196,8 @@ class Runner:
             notify.status(f"refused by the server: {outcome.message}")
             return self._interval if outcome.verdict is Verdict.ROLE_REFUSED else REFUSED_WAIT
         assert outcome.error is not None
-        delay = self.backoff.next_delay(outcome.error.retry_after)
+        delay = retry_delay(self.backoff, outcome.error.retry_after,
+                            outcome.error.status is None, self.reconnect_window)
         log.warning("check-in failed (%s); retrying in %.1f s", outcome.message, delay)
         notify.status(f"cannot check in with {self.enrollment.server_url}: {outcome.message}; "
                       f"next try at {_clock(time.time() + delay)}, last success "

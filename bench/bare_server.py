@@ -2,8 +2,10 @@
 
 Same aiohttp, same TLS context (server.tls.server_context: the server's certificate,
 client certificates checked against the identity CA), same TLS buffer and garbage
-collector settings, same path. The handler only parses the JSON body and answers a CheckinResponse-sized JSON:
-whatever the real server is slower by is the application's own work.
+collector settings, same path. The handler only parses the JSON body and answers a
+CheckinResponse-sized JSON: whatever the real server is slower by is the application's own
+work. Its answer names a report digest, so the load generator sends it heartbeats too,
+the same bytes as to the real server.
 
 Usage: bare_server.py STATE_DIR PORT INTERVAL   (STATE_DIR: a seeded server state dir)
 """
@@ -24,7 +26,9 @@ from server.memory import tune_garbage_collector
 from server.tls import ensure_server_cert, limit_tls_buffers, server_context, server_names
 
 ANSWER = {"host_id": "0123456789ab", "status": "connecting", "enabled": True, "role": "mixed",
-          "detail": "waiting for the agent to report libvirtd's TLS endpoint", "renew": False}
+          "detail": "waiting for the agent to report libvirtd's TLS endpoint", "renew": False,
+          "server_urls": ["https://127.0.0.1:8443"], "report_digest": "0" * wire.DIGEST_LENGTH,
+          "send_report": False, "reconnect_window": 10.0}
 INTERVAL = "virtfleet.bench.interval"
 
 

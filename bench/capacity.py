@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,19 +125,47 @@ def run(quick: bool, profile: Path | None = None) -> str:
     seeded = time.monotonic() - started
     out = [hold_and_storm(scale, work, state, identities, seeded, profile)]
     out.append(rate_search(scale, work, state, identities))
+    for parent in (work, work.parent):  # its user reaches the state dir through them
+        parent.chmod(parent.stat().st_mode | 0o111)
+    subprocess.run(["chown", "-R", f"{UNIT_USER}:{UNIT_GROUP}", str(state)], check=True)
+    out.append(hold_and_storm(scale, work, state, identities, seeded, None, as_unit()))
     return "".join(out)
 
 
-def start_server_argv(state: Path, port: int, scale: Scale) -> list[str]:
-    return Server(state, port, *server_args(scale)).proc.argv
+# The packaged unit (systemd/virtfleet-server.service) runs the server as its own user,
+# with NoNewPrivileges, no capabilities and LimitNOFILE=524288 (here capped at this
+# machine's hard limit): the same, without systemd (its filters and mount namespaces
+# cost nothing per check-in).
+UNIT_NOFILE = 524288
+UNIT_USER, UNIT_GROUP = "nobody", "nogroup"
 
 
-def server_args(scale: Scale) -> tuple[str, ...]:
-    return ("--checkin-interval", f"{scale.interval:g}", "--log-level", "WARNING")
+def as_unit() -> list[str]:
+    import resource
+
+    nofile = min(UNIT_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    return ["prlimit", f"--nofile={nofile}:{nofile}", "setpriv", f"--reuid={UNIT_USER}",
+            f"--regid={UNIT_GROUP}", "--clear-groups", "--no-new-privs", "--bounding-set=-all",
+            "--inh-caps=-all"]
 
 
-def start_server(state: Path, port: int, scale: Scale, profile: Path | None) -> Server:
-    server = Server(state, port, *server_args(scale))
+def start_server_argv(state: Path, port: int, scale: Scale, wrap: list[str]) -> list[str]:
+    return [*wrap, *Server(state, port, *server_args(scale, wrap)).proc.argv]
+
+
+def server_args(scale: Scale, wrap: list[str]) -> tuple[str, ...]:
+    # The unit's user is a member of the engine group the package makes; here, its own.
+    group = ("--engine-group", UNIT_GROUP) if wrap else ()
+    return ("--checkin-interval", f"{scale.interval:g}", "--log-level", "WARNING", *group)
+
+
+def start_server(state: Path, port: int, scale: Scale, profile: Path | None,
+                 wrap: list[str] = []) -> Server:  # noqa: B006 (never changed)
+    server = Server(state, port, *server_args(scale, wrap))
+    server.proc.argv = [*wrap, *server.proc.argv]
+    if wrap:  # the unit's RuntimeDirectory, made by systemd for its user
+        server.run_dir.mkdir(mode=0o750, exist_ok=True)
+        shutil.chown(server.run_dir, UNIT_USER, UNIT_GROUP)
     if profile is not None:
         # pyinstrument samples the whole server run and writes its report when it exits.
         server.proc.argv = [str(VENV_BIN / "pyinstrument"), "-r", "text", "--show-all", "-o", str(profile),
@@ -150,10 +179,11 @@ def server_pid(server: Server) -> int:
 
 
 def hold_and_storm(scale: Scale, work: Path, state: Path, identities: Path, seeded: float,
-                   profile: Path | None) -> str:
+                   profile: Path | None, wrap: list[str] = []) -> str:  # noqa: B006
+    """`wrap`: a command the server runs under (as_unit)."""
     port = free_port()
-    server = start_server(state, port, scale, profile)
-    plain_argv = start_server_argv(state, port, scale)
+    server = start_server(state, port, scale, profile, wrap)
+    plain_argv = start_server_argv(state, port, scale, wrap)
     # Interval 0: each host waits what the server tells it, as the agent does.
     load = LoadGen(server.url, identities, scale, [(0, 7200)], work / "loadgen.log")
     sampler = Sampler({"server": server_pid(server)})
@@ -214,7 +244,8 @@ def hold_and_storm(scale: Scale, work: Path, state: Path, identities: Path, seed
         ["restart storm: latency p50 / p99 / max", ms3(after_ready), "successful check-ins"],
         ["restart storm: server CPU / peak RSS", f"{storm_cpu:.0f} % / {storm_rss:.0f} MB", ""],
     ]
-    return table(f"Check-in capacity ({scale.hosts:,} hosts)", ["measure", "value", "note"], rows)
+    how = " under the packaged unit's limits (" + " ".join(wrap) + ")" if wrap else ""
+    return table(f"Check-in capacity ({scale.hosts:,} hosts){how}", ["measure", "value", "note"], rows)
 
 
 def rate_search(scale: Scale, work: Path, state: Path, identities: Path) -> str:

@@ -2,17 +2,21 @@
 
 What the server sees is what an agent sends: each simulated host has its own identity
 (key and certificate), keeps one mTLS connection alive between check-ins, and POSTs the
-agent's check-in body (common/wire.py's CheckinRequest around a report built once by the
-agent's real collectors, bench/report.py) every interval the server answers; after a
-failure it waits the agent's jittered backoff (1 s doubling to 60 s, at least what a
-Retry-After says), 300 s when its identity is refused, with the agent's timeouts.
+agent's check-in body every interval the server answers: the full report (common/wire.py's
+CheckinRequest around a report built once by the agent's real collectors,
+bench/report.py) first, every REPORT_REFRESH seconds and whenever the server asks for it,
+a heartbeat with the server's digest of it otherwise; after a failure it waits the
+agent's jittered backoff (1 s doubling to 60 s, at least what a Retry-After says), 300 s
+when its identity is refused, with the agent's timeouts, and the first retry after a
+connection that failed before any answer within the server's reconnect window. `--full-reports`: every
+check-in carries the report, as agents of protocol 2 and older do.
 
 What it skips is the agent's HTTP client machinery: the request bytes are built once per
 host and the answer is read by a small asyncio protocol. An aiohttp client per host cost
 as much CPU per check-in as the server itself, and this machine's two cores are shared:
 the load generator must not be what is measured.
 
-Usage: loadgen.py URL IDENTITIES FIRST COUNT START SCHEDULE
+Usage: loadgen.py URL IDENTITIES FIRST COUNT START SCHEDULE [--full-reports]
   START: the hosts start at random moments within this many seconds.
   SCHEDULE: "INTERVAL:SECONDS,INTERVAL:SECONDS,…": each host comes back when the server
   tells it (interval 0), or when the server would tell it with that interval (each host
@@ -36,6 +40,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from agent.checkin import REPORT_REFRESH, retry_delay
 from agent.state import client_context
 from bench.report import simulated_report
 from common import wire
@@ -95,7 +100,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
         if self.answer is not None and not self.answer.done():
-            self.answer.set_exception(ConnectionError("Server disconnected"))
+            self.answer.set_exception(ConnectionResetError("Server disconnected"))
 
     def eof_received(self) -> None:
         """The server ended the connection (as it does when it shuts down). The agent's
@@ -137,13 +142,21 @@ class Connection(asyncio.Protocol):
         return await self.answer
 
 
-def request_bytes(url: str, report: wire.Report) -> bytes:
-    """The agent's check-in POST, as it goes on the wire."""
-    body = json.dumps(wire.to_json(wire.CheckinRequest(report=report))).encode()
+def request_bytes(url: str, body: dict[str, object]) -> bytes:
+    """The agent's check-in POST, as it goes on the wire (http.client's headers)."""
+    data = json.dumps(body).encode()
     host = urlsplit(url).netloc
     return (f"POST {wire.CHECKIN_PATH} HTTP/1.1\r\nHost: {host}\r\n"
-            "Content-Type: application/json\r\nAccept: */*\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+            "Accept-Encoding: identity\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+def report_request(url: str, report: wire.Report) -> bytes:
+    return request_bytes(url, wire.to_json(wire.CheckinRequest(report=report)))
+
+
+def heartbeat_request(url: str, digest: str) -> bytes:
+    return request_bytes(url, {"report_digest": digest, "protocol": wire.PROTOCOL_VERSION})
 
 
 def error_kind(exc: BaseException) -> str:
@@ -162,8 +175,12 @@ def error_kind(exc: BaseException) -> str:
 class Host:
     """One simulated host: its TLS identity, its request, its connection."""
 
-    def __init__(self, i: int, url: str, ctx: ssl.SSLContext, data: bytes) -> None:
-        self.i, self.ctx, self.data = i, ctx, data
+    def __init__(self, i: int, url: str, ctx: ssl.SSLContext, report: bytes,
+                 heartbeats: bool) -> None:
+        self.i, self.url, self.ctx, self.report, self.heartbeats = i, url, ctx, report, heartbeats
+        self.heartbeat: bytes | None = None  # with the digest of the last report acknowledged
+        self.reported_at = 0.0
+        self.window = 0.0  # the server's reconnect window, from its last answer
         self.key = f"sim-{i}"  # its moment in an interval, as the server's for a host id
         parts = urlsplit(url)
         self.address, self.port = parts.hostname or "", parts.port or 443
@@ -173,7 +190,15 @@ class Host:
         self.conn: Connection | None = None
 
     async def checkin(self) -> float:
-        """One check-in within the agent's timeouts; returns the interval it was told."""
+        """One check-in within the agent's timeouts (and the full report at once when the
+        server asks for it); returns the interval it was told."""
+        fresh = time.monotonic() - self.reported_at < REPORT_REFRESH
+        answer = await self.call(self.heartbeat if self.heartbeat and fresh else self.report)
+        if answer.get("send_report"):
+            answer = await self.call(self.report)
+        return float(answer["checkin_interval"])
+
+    async def call(self, data: bytes) -> dict[str, object]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + TOTAL_TIMEOUT
         if self.conn is None or not self.conn.open:
@@ -182,11 +207,16 @@ class Host:
                                        local_addr=self.source),
                 CONNECT_TIMEOUT)
         try:
-            body = await asyncio.wait_for(self.conn.request(self.data), deadline - loop.time())
+            body = await asyncio.wait_for(self.conn.request(data), deadline - loop.time())
         except BaseException:
             self.conn.close()  # the agent's client, too, drops a connection that failed
             raise
-        return float(json.loads(body)["checkin_interval"])
+        answer: dict[str, object] = json.loads(body)
+        self.window = float(answer.get("reconnect_window") or 0)  # type: ignore[arg-type]
+        if data is self.report and self.heartbeats and answer.get("report_digest"):
+            self.heartbeat = heartbeat_request(self.url, str(answer["report_digest"]))
+            self.reported_at = time.monotonic()
+        return answer
 
     async def loop(self, stats: Stats, interval: list[float], start: float) -> None:
         """agent/runner.py's check-in loop, minus collectors and status files."""
@@ -201,7 +231,8 @@ class Host:
                 delay = REFUSED_WAIT if exc.status in (401, 403) else backoff.next_delay(exc.retry_after)
             except (TimeoutError, OSError, ValueError, KeyError) as exc:
                 stats.errors[error_kind(exc)] += 1
-                delay = backoff.next_delay()
+                delay = retry_delay(backoff, 0.0, isinstance(exc, (TimeoutError, OSError)),
+                                    self.window)
             else:
                 stats.latencies.append((time.perf_counter() - started) * 1000)
                 stats.last_ok[self.i] = time.time()
@@ -211,7 +242,7 @@ class Host:
 
 
 async def run(url: str, identities: Path, first: int, count: int, start: float,
-              schedule: list[tuple[float, float]], base: wire.Report) -> None:
+              schedule: list[tuple[float, float]], base: wire.Report, heartbeats: bool) -> None:
     stats = Stats()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(stats, "mark", time.time()))
@@ -220,7 +251,7 @@ async def run(url: str, identities: Path, first: int, count: int, start: float,
     for i in range(first, first + count):
         report = wire.Report(**{**vars(base), "hostname": f"sim-{i:05d}"})
         ctx = client_context(identities / "ca.crt", identities / f"{i}.pem")  # the agent's own
-        host = Host(i, url, ctx, request_bytes(url, report))
+        host = Host(i, url, ctx, report_request(url, report), heartbeats)
         tasks.append(asyncio.create_task(host.loop(stats, interval, start)))
     # The collector's pauses would count as the server's latency: the hosts made above
     # live for the whole run, so keep the collector off them and rare.
@@ -242,10 +273,12 @@ async def run(url: str, identities: Path, first: int, count: int, start: float,
 
 def main() -> int:
     url, identities, first, count, start, schedule = sys.argv[1:7]
+    heartbeats = "--full-reports" not in sys.argv[7:]
     steps = [(float(a), float(b)) for a, b in (s.split(":") for s in schedule.split(","))]
     limit_tls_buffers()  # 256 KiB per connection otherwise: 5,000 hosts held 1.2 GB
     base = simulated_report()  # before our loop: it runs the collectors in one of its own
-    asyncio.run(run(url, Path(identities), int(first), int(count), float(start), steps, base))
+    asyncio.run(run(url, Path(identities), int(first), int(count), float(start), steps, base,
+                    heartbeats))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ class ServerConfig:
     def admin_socket(self) -> Path:
         return self.state_dir / "admin.sock"
 
-    @property
+    @functools.cached_property
     def url(self) -> str:
+        """The join URL. Worked out once: by default it is this machine's name, and
+        `getfqdn` asks the resolver (every check-in answer names the URL)."""
         if self.advertise_url:
             return self.advertise_url.rstrip("/")
         host = self.listen_host

@@ -62,6 +62,7 @@ class LinkControl(Protocol):
 
     def host_changed(self, host_id: str, libvirtd_recovered: bool = False,
                      host: Host | None = None) -> None: ...
+    def heard_from(self, host: Host) -> None: ...  # a heartbeat, nothing else new
     def reconnect(self, host_id: str) -> None: ...
 
 
@@ -210,9 +211,29 @@ class Fleet:
         return host
 
     def checkin(self, host: Host, req: wire.CheckinRequest, address: str) -> wire.CheckinResponse:
+        """A check-in: a heartbeat (`req.report_digest`) or a full report."""
         if not self._checkins.allow(host.id):
             raise rate_limited(self._checkins, host.id, "check-ins from this host")
-        report = req.report
+        if req.report is None:
+            return self._heartbeat(host, req.report_digest or "", address)
+        return self._full_checkin(host, req.report, address)
+
+    def _heartbeat(self, host: Host, digest: str, address: str) -> wire.CheckinResponse:
+        """The host is alive and says its report is the one we hold: only its liveness is
+        written and nothing is re-derived, unless the check-in itself is news (the host
+        was silent past the grace period, or comes from another address)."""
+        now = time.time()
+        silent = now - self.status.last_seen(host) > self.status.grace
+        moved = address != host.address
+        self.store.record_checkin(host, address, now)
+        if silent or moved:
+            self.status.refresh_host(host)
+            self.links.host_changed(host.id, host=host)
+        else:
+            self.links.heard_from(host)
+        return self._answer(host, now, address, send_report=digest != host.report_digest)
+
+    def _full_checkin(self, host: Host, report: wire.Report, address: str) -> wire.CheckinResponse:
         was_ok, old_name, old_role = host.libvirtd_ok, host.hostname, host.configured_role
         host.take_report(report)
         role_allowed = wire.role_within(report.role, host.role_limit)
@@ -220,6 +241,7 @@ class Fleet:
             host.configured_role = old_role  # the report says what it asked for (status shows it)
         now = time.time()
         self.store.record_checkin(host, address, now)
+        self.store.record_report(host)
         if report.hostname != old_name:
             self.store.note(host.id, now, host.status, f"renamed from {old_name!r} to "
                                                        f"{report.hostname!r} by its agent")
@@ -238,14 +260,20 @@ class Fleet:
                           f"role {report.role!r} is beyond what this host's join token allows "
                           f"({host.role_limit!r}): set role = {host.role_limit!r} (or narrower) "
                           "in /etc/virtfleet/agent.toml, or remove the setting")
+        return self._answer(host, now, address)
+
+    def _answer(self, host: Host, now: float, address: str,
+                send_report: bool = False) -> wire.CheckinResponse:
         return wire.CheckinResponse(
             host_id=host.id, status=host.status, detail=self.public_detail(host),
             enabled=host.admin_state == AdminState.ENABLED, role=host.role,
             checkin_interval=checkin_delay(host.id, now, self.config.checkin_interval),
             # The host moved: its libvirtd certificate no longer names the address we dial.
             renew=host.libvirt_cert_address not in (None, address),
-            server_urls=[self.config.url],
-        )
+            server_urls=[self.config.url], report_digest=host.report_digest,
+            send_report=send_report,
+            # Turned away, or refused a connection: spread over an interval, as check-ins are.
+            reconnect_window=self.config.checkin_interval)
 
     def public_detail(self, host: Host) -> str:
         """The status detail as the host itself may read it. Why the server cannot open

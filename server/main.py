@@ -30,6 +30,7 @@ from server.doors import admin_api, agent_api, engine_api
 from server.doors.engine_api import host_record
 from server.doors.gateway import Gateway
 from server.doors.guard import HANDSHAKE_TIMEOUT, ConnectionGuard, OncePer, raise_file_limit
+from server.doors.handshakes import HandshakeGate
 from server.fleet import Fleet, retire_previous_libvirt_cert
 from server.hosts import HostStatus
 from server.links.direct import Stream, dial
@@ -81,11 +82,14 @@ class EngineFeed:
         link = str(state.state) if state else "closed"
         source = hash((host.report_text, host.status, host.detail, host.role, host.admin_state,
                        link))
-        self.changes.checked_in(host.id, host.last_checkin)
+        self.checked_in(host)
         if self._built_from.get(host.id) == source:
             return
         self._built_from[host.id] = source
         self.changes.update(host.id, host_record(host, self.gateway_uri(host.id), {"state": link}))
+
+    def checked_in(self, host: Host) -> None:
+        self.changes.checked_in(host.id, host.last_checkin)
 
     def remove(self, host_id: str) -> None:
         self._built_from.pop(host_id, None)
@@ -112,6 +116,9 @@ class HostEvents:
             self.feed.remove(host_id)
         else:
             self.feed.publish(host)
+
+    def heard_from(self, host: Host) -> None:
+        self.feed.checked_in(host)
 
     def reconnect(self, host_id: str) -> None:
         self.links.reconnect(host_id)
@@ -260,7 +267,7 @@ async def serve(config: ServerConfig) -> int:
     key, cert = ensure_server_cert(parts.fleet.identity_ca, config.state_dir / "tls",
                                    server_names(config.url, config.listen_host))
     guard = ConnectionGuard(config.max_connections_per_address)
-    agent_runner = web.AppRunner(agent_api.create_app(parts.fleet, guard), access_log=None)
+    agent_runner = web.AppRunner(agent_api.create_app(parts.fleet), access_log=None)
     admin_runner = web.AppRunner(admin_api.create_admin_app(parts.fleet, parts.links,
                                                             parts.gateway), access_log=None)
     engine_runner = web.AppRunner(engine_api.create_engine_app(parts.changes), access_log=None)
@@ -282,11 +289,12 @@ async def serve(config: ServerConfig) -> int:
         supervisor.start("garbage-collector", memory.collect_garbage_forever)
         supervisor.start("watchdog", loops.watchdog_forever)
         supervisor.start("store-pruner", loops.prune_forever)
-        # Not aiohttp's TCPSite: it sets no deadline for the TLS handshake.
+        # Not aiohttp's TCPSite: TLS starts only when the gate gives the connection a slot.
+        gate = HandshakeGate(server_context(key, cert, parts.fleet.identity_ca),
+                             agent_runner.server, HANDSHAKE_TIMEOUT)
         listener = await asyncio.get_running_loop().create_server(
-            agent_runner.server, config.listen_host, config.listen_port, backlog=1024,
-            ssl=server_context(key, cert, parts.fleet.identity_ca),
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT, reuse_address=True)
+            gate.protocol, config.listen_host, config.listen_port, backlog=4096,
+            reuse_address=True)
         await admin_api.start_socket(admin_runner, config.admin_socket)
         await engine_api.start_socket(engine_runner, config.run_dir / "engine.sock",
                                       parts.gateway.gid)

@@ -74,7 +74,7 @@ def parse_report(text: str) -> wire.Report:
     parses (written by another version) reads as "libvirtd unknown": the next check-in
     replaces it."""
     try:
-        return wire.parse(wire.Report, json.loads(text))
+        return wire.parse(wire.Report, json.loads(text), stored=True)
     except (ValueError, wire.WireError) as exc:
         log.warning("a stored host report cannot be read (%s): treated as empty", exc)
         return wire.Report(hostname="", role="mixed", agent_version="",
@@ -97,6 +97,7 @@ class Host:
     address: str
     agent_version: str
     report_text: str = "{}"  # the agent's last report, as JSON text
+    report_digest: str = ""  # wire.report_digest(report_text): what its heartbeats carry
     token_jti: str = ""
     cert_serial: str = ""
     cert_not_after: float = 0.0
@@ -124,6 +125,7 @@ class Host:
     def take_report(self, report: wire.Report) -> None:
         """A check-in's (or an enrollment's) report: typed, and as the text to store."""
         self._report, self.report_text = report, json.dumps(wire.to_json(report))
+        self.report_digest = wire.report_digest(self.report_text)
         self.libvirtd_ok = report.libvirtd.ok
         self.hostname, self.configured_role = report.hostname, report.role
         self.agent_version = report.agent_version

@@ -171,13 +171,18 @@ def test_a_queued_check_in_is_seen_by_the_next_lookup_and_by_every_read(tmp_path
     assert host is not None and host.libvirtd_ok
     host.take_report(report(ok=False))
     store.record_checkin(host, "10.0.0.9", now=50)
+    store.record_report(host)
     again = store.host_by_serial("s1")  # laid over the row, not flushed
     assert again is not None and not again.libvirtd_ok and again.last_checkin == 50
     assert again.report.libvirtd.error == "socket gone" and again.address == "10.0.0.9"
+    assert again.report_digest == wire.report_digest(again.report_text) != ""
+    store.record_checkin(again, "10.0.0.9", now=60)  # a heartbeat: liveness alone
+    assert store.host_by_serial("s1").report_digest == again.report_digest  # type: ignore[union-attr]
     fresh = SqliteStore(tmp_path / "state.db")  # another reader sees it once flushed
     store.flush_checkins()
     stored = fresh.get_host("h1")
-    assert stored is not None and stored.last_checkin == 50 and not stored.libvirtd_ok
+    assert stored is not None and stored.last_checkin == 60 and not stored.libvirtd_ok
+    assert stored.report_digest == again.report_digest
     store.close()
     fresh.close()
 

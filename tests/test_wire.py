@@ -44,7 +44,9 @@ def test_parse_accepts_a_valid_checkin() -> None:
 
 @pytest.mark.parametrize("body, words", [
     ([], "expected a JSON object"),
-    ({}, "report: required field is missing"),
+    ({}, "body: carries either report or report_digest"),
+    ({"report": REPORT, "report_digest": "ab" * 16}, "either report or report_digest"),
+    ({"report_digest": "ab" * 17}, "report_digest: longer than 32"),
     ({"report": REPORT, "host_id": "other"}, "unknown field"),
     ({"report": REPORT | {"role": "admin"}}, "report.role: 'admin' is not one of"),
     ({"report": REPORT | {"hostname": 7}}, "report.hostname: expected a string"),

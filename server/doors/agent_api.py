@@ -16,7 +16,7 @@ from aiohttp import web
 
 from common import wire
 from server.doors import openapi
-from server.doors.guard import BODY_TIMEOUT, ConnectionGuard
+from server.doors.guard import BODY_TIMEOUT
 from server.doors.http import FLEET, errors_middleware, fleet_of
 from server.fleet import Fleet, Refused, rate_limited, serial_of
 from server.ratelimit import RateLimiter
@@ -27,7 +27,11 @@ ENROLL_LIMIT = "virtfleet.enroll_rate"
 
 async def read_message(request: web.Request, cls: type[T]) -> T:
     try:
-        body = await asyncio.wait_for(read_body(request), BODY_TIMEOUT)
+        if request.content.is_eof():  # all here (a check-in is one TLS record): no timer
+            body = await read_body(request)
+        else:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                body = await read_body(request)
     except TimeoutError:
         raise Refused(408, "timeout", f"the body did not arrive within {BODY_TIMEOUT:g} s") from None
     return wire.decode_body(cls, body)
@@ -90,9 +94,7 @@ async def post_checkin(request: web.Request) -> web.Response:
     host = fleet.host_for_certificate(peer_serial(request))
     req = await read_message(request, wire.CheckinRequest)
     answer = wire.to_json(fleet.checkin(host, req, peer_address(request)))
-    if req.protocol < 2:
-        del answer["server_urls"]  # an agent of protocol 1 refuses a field it does not know
-    return web.json_response(answer, dumps=_compact)
+    return web.json_response(wire.answer_for(req.protocol, answer), dumps=_compact)
 
 
 async def post_renew(request: web.Request) -> web.Response:
@@ -102,9 +104,8 @@ async def post_renew(request: web.Request) -> web.Response:
     return json_message(fleet.renew(host, req, peer_address(request)))
 
 
-def create_app(fleet: Fleet, guard: ConnectionGuard | None = None) -> web.Application:
-    middlewares = [guard.middleware] if guard else []
-    app = web.Application(middlewares=[*middlewares, errors_middleware],
+def create_app(fleet: Fleet) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware],
                           client_max_size=wire.MAX_BODY_BYTES)
     app[FLEET] = fleet
     app[ENROLL_LIMIT] = RateLimiter(fleet.config.enroll_rate)

@@ -54,7 +54,7 @@ class Gateway:
         self.dir = run_dir / "hosts"
         self.dial_host = dial_host
         self.reachable = reachable
-        self.gid = _group_id(group)
+        self.group, self.gid = group, _group_id(group)
         self.sockets: dict[str, HostSocket] = {}
         self._pending: set[str] = set()
         self._started = False  # sockets are opened only while the server serves
@@ -66,7 +66,13 @@ class Gateway:
         for directory in (self.dir.parent, self.dir):
             os.chmod(directory, 0o750)
             if self.gid is not None:
-                os.chown(directory, -1, self.gid)
+                try:
+                    os.chown(directory, -1, self.gid)
+                except PermissionError:
+                    raise PermissionError(
+                        f"cannot give {directory} to group {self.group!r}: the server's user "
+                        f"is not a member of it (the package makes _virtfleet one; else "
+                        f"`usermod -aG {self.group} USER`, or --engine-group GROUP)") from None
         for stale in self.dir.glob("*.sock"):  # a previous run's, killed before it cleaned up
             stale.unlink(missing_ok=True)
         self._started = True

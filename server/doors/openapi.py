@@ -135,6 +135,10 @@ def message_schema(cls: type, schemas: dict[str, Any]) -> dict[str, Any]:
                 required.append(f.name)
         schema: dict[str, Any] = {"type": "object", "properties": properties, "required": required,
                                   "additionalProperties": False}
+        one_of = getattr(cls, "ONE_OF", ())
+        if one_of:  # exactly one of these is present and not null (wire.parse's rule)
+            schema["oneOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                               for name in one_of]
         doc = cls.__doc__ or ""
         if not doc.startswith(cls.__name__ + "("):  # dataclass's made-up docstring
             schema["description"] = doc

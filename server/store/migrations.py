@@ -84,4 +84,9 @@ SQLITE_MIGRATIONS = [
     ALTER TABLE host_events ADD COLUMN tries INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE host_events ADD COLUMN last_at REAL;
     """,
+    # 6: a heartbeat carries the digest of the host's last report, compared with this
+    # (computed when the report arrives; an empty one asks the agent for its report).
+    """
+    ALTER TABLE hosts ADD COLUMN report_digest TEXT NOT NULL DEFAULT '';
+    """,
 ]

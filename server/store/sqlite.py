@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from server.model import HistoryEntry, Host, Token
+from server.model import HistoryEntry, Host, Status, Token
 from server.store import StatusChange, StoreError, StoreUnavailable
 from server.store.migrations import SQLITE_MIGRATIONS
 
@@ -55,8 +55,11 @@ class SqliteStore:
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA busy_timeout=5000")
         self._migrate()
-        # Check-ins written behind (record_checkin): host id -> its UPDATE's values.
-        self._checkins: dict[str, tuple[Any, ...]] = {}
+        # Check-ins written behind (record_checkin, record_report): host id -> its
+        # UPDATE's values.
+        self._liveness: dict[str, tuple[Any, ...]] = {}
+        self._reports: dict[str, tuple[Any, ...]] = {}
+        self._rows = RowCache()
         self._write_error: StoreError | None = None
 
     def close(self) -> None:
@@ -140,7 +143,9 @@ class SqliteStore:
                 "AND uses < max_uses AND expires_at > ?", (host.token_jti, now)).rowcount
             if not used:
                 raise StoreError(self._token_refusal(host.token_jti, now))
-            self._checkins.pop(host.id, None)  # a queued check-in of the old identity
+            self._liveness.pop(host.id, None)  # a queued check-in of the old identity
+            self._reports.pop(host.id, None)
+            self._rows.drop(host.id)
             db.execute(f"INSERT INTO hosts ({columns}) VALUES ({marks}) "
                        f"ON CONFLICT(id) DO UPDATE SET {updates}",
                        [getattr(host, name) for name in _HOST_COLUMNS])
@@ -164,23 +169,22 @@ class SqliteStore:
         }.get(token.state(now), "join token cannot be used")
 
     def get_host(self, host_id: str) -> Host | None:
-        self._flush_for_read()
+        cached = self._rows.by_id(host_id)
+        if cached is not None:
+            return cached
         row = self.db.execute("SELECT * FROM hosts WHERE id=?", (host_id,)).fetchone()
-        return _host(row) if row else None
+        return self._rows.keep(self._lay_queued_over(_host(row))) if row else None
 
     def host_by_serial(self, serial: str) -> Host | None:
-        # Two indexed lookups: SQLite would scan the table for the OR of both columns.
+        """The hot path (every check-in): from the row cache, else two indexed lookups
+        (SQLite would scan the table for the OR of both columns)."""
+        cached = self._rows.by_serial(serial)
+        if cached is not None:
+            return cached
         row = (self.db.execute("SELECT * FROM hosts WHERE cert_serial=?", (serial,)).fetchone()
                or self.db.execute("SELECT * FROM hosts WHERE prev_cert_serial=?",
                                   (serial,)).fetchone())
-        if row is None:
-            return None
-        host = _host(row)
-        queued = self._checkins.get(host.id)
-        if queued is not None:  # the hot path: no flush, the queued check-in laid over
-            (host.last_checkin, host.report_text, host.hostname, host.configured_role,
-             host.agent_version, host.address, host.libvirtd_ok, _id) = queued
-        return host
+        return self._rows.keep(self._lay_queued_over(_host(row))) if row else None
 
     def list_hosts(self) -> list[Host]:
         self._flush_for_read()
@@ -200,32 +204,60 @@ class SqliteStore:
         return {r[0]: r[1] for r in self.db.execute(COUNTS_SQL).fetchall()}
 
     def record_checkin(self, host: Host, address: str, now: float) -> None:
-        """Carry a check-in into `host` (the caller's row stays current) and queue its write.
+        """Carry a check-in's liveness into `host` (the caller's row stays current) and
+        queue its write; `record_report` does the same for a new report.
 
         Check-ins are written behind, many to a transaction (`flush_checkins`, which the
         server runs every CHECKIN_FLUSH seconds): a transaction each was a third of a
         check-in's cost. They skip the fsync too. A crash loses the last fraction of a
-        second of them, which the next check-ins rewrite. Reads see them all: every read
-        flushes first, and the check-in's own lookup (`host_by_serial`) lays the queued
-        one over the row. While writes fail, a check-in fails too, so agents are told."""
+        second of them, which the next check-ins rewrite (a lost report: the heartbeat's
+        digest no longer matches and the agent is asked for it). Reads see them all:
+        every read flushes first, and the check-in's own lookup (`host_by_serial`) lays
+        the queued ones over the row. While writes fail, a check-in fails too, so agents
+        are told."""
         host.last_checkin, host.address = now, address
-        self._checkins[host.id] = (now, host.report_text, host.hostname, host.configured_role,
-                                   host.agent_version, address, host.libvirtd_ok, host.id)
-        if self._write_error is not None or len(self._checkins) >= CHECKIN_BATCH:
+        self._liveness[host.id] = (now, address, host.id)
+        self._rows.lay_over(host.id, last_checkin=now, address=address)
+        self._flush_when_due()
+
+    def record_report(self, host: Host) -> None:
+        self._reports[host.id] = (host.report_text, host.report_digest, host.hostname,
+                                  host.configured_role, host.agent_version, host.libvirtd_ok,
+                                  host.id)
+        self._rows.lay_over(host.id, report_text=host.report_text,
+                            report_digest=host.report_digest, hostname=host.hostname,
+                            configured_role=host.configured_role,
+                            agent_version=host.agent_version, libvirtd_ok=host.libvirtd_ok,
+                            _report=None)
+        self._flush_when_due()
+
+    def _flush_when_due(self) -> None:
+        if self._write_error is not None or len(self._liveness) >= CHECKIN_BATCH:
             self.flush_checkins()
+
+    def _lay_queued_over(self, host: Host) -> Host:
+        liveness = self._liveness.get(host.id)
+        if liveness is not None:
+            host.last_checkin, host.address, _id = liveness
+        report = self._reports.get(host.id)
+        if report is not None:
+            (host.report_text, host.report_digest, host.hostname, host.configured_role,
+             host.agent_version, host.libvirtd_ok, _id) = report
+        return host
 
     def flush_checkins(self) -> None:
         """Write the queued check-ins in one transaction; raises (and keeps them) if the
         store cannot write."""
-        if not self._checkins:
+        if not self._liveness and not self._reports:
             return
         try:
             self.db.execute("PRAGMA synchronous=NORMAL")
             with self.transaction() as db:
+                db.executemany("UPDATE hosts SET last_checkin=?, address=? WHERE id=?",
+                               list(self._liveness.values()))
                 db.executemany(
-                    "UPDATE hosts SET last_checkin=?, report=?, hostname=?, configured_role=?, "
-                    "agent_version=?, address=?, libvirtd_ok=? WHERE id=?",
-                    list(self._checkins.values()))
+                    "UPDATE hosts SET report=?, report_digest=?, hostname=?, configured_role=?, "
+                    "agent_version=?, libvirtd_ok=? WHERE id=?", list(self._reports.values()))
         except sqlite3.Error as exc:
             self._write_error = StoreUnavailable(f"cannot write check-ins: {exc}")
             raise self._write_error from exc
@@ -235,7 +267,8 @@ class SqliteStore:
         finally:
             self.db.execute("PRAGMA synchronous=FULL")
         self._write_error = None
-        self._checkins.clear()
+        self._liveness.clear()
+        self._reports.clear()
 
     def _flush_for_read(self) -> None:
         """Before a read: queued check-ins in. A store that cannot write still reads."""
@@ -249,13 +282,20 @@ class SqliteStore:
         recorded change that repeats the host's last history row counts a try on it."""
         if not changes:
             return
-        with self.transaction() as db:
-            db.executemany("UPDATE hosts SET status=?, detail=?, status_since=? WHERE id=?",
-                           [(status, detail, since, host_id)
-                            for host_id, status, detail, since, _ in changes])
-            for host_id, status, detail, since, record in changes:
-                if record:
-                    self._add_history(host_id, since, status, detail)
+        try:
+            with self.transaction() as db:
+                db.executemany("UPDATE hosts SET status=?, detail=?, status_since=? WHERE id=?",
+                               [(status, detail, since, host_id)
+                                for host_id, status, detail, since, _ in changes])
+                for host_id, status, detail, since, record in changes:
+                    if record:
+                        self._add_history(host_id, since, status, detail)
+        except BaseException:
+            for host_id, *_ in changes:
+                self._rows.drop(host_id)
+            raise
+        for host_id, status, detail, since, _ in changes:
+            self._rows.lay_over(host_id, status=Status(status), detail=detail, status_since=since)
 
     def note(self, host_id: str, at: float, status: str, detail: str) -> None:
         """A history row that is no status change (a rename, say)."""
@@ -287,6 +327,7 @@ class SqliteStore:
         if not columns or set(columns) - _UPDATABLE:
             raise ValueError(f"update_host: bad columns {sorted(columns)}")
         assignments = ", ".join(f"{c}=?" for c in columns)
+        self._rows.drop(host_id)
         with self.transaction() as db:
             db.execute(f"UPDATE hosts SET {assignments} WHERE id=?", (*columns.values(), host_id))
             if columns.get("libvirt_cert_serial"):
@@ -295,6 +336,7 @@ class SqliteStore:
 
     def forget_host(self, host_id: str, now: float) -> None:
         """Delete the host and revoke every libvirtd certificate it was given."""
+        self._rows.drop(host_id)
         with self.transaction() as db:
             db.execute("DELETE FROM hosts WHERE id=?", (host_id,))
             db.execute("UPDATE libvirt_certs SET revoked_at=? WHERE host_id=? AND revoked_at IS NULL",
@@ -325,6 +367,57 @@ class SqliteStore:
             gone += db.execute("DELETE FROM tokens WHERE expires_at < ? AND jti NOT IN "
                                "(SELECT token_jti FROM hosts)", (now - 30 * 86400,)).rowcount
         return int(gone)
+
+
+class RowCache:
+    """The hosts' rows as stored (queued check-ins laid over), by id and by certificate
+    serial: a check-in's lookup was a third of a heartbeat's cost in SQLite. Every write
+    to a host's row goes through the store, which lays it over here or drops the row;
+    callers get copies, theirs to change. A parsed report is not kept (tens of KB a host
+    as Python objects): only its text, as the row has it."""
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, Host] = {}
+        self._serials: dict[str, str] = {}
+
+    def by_id(self, host_id: str) -> Host | None:
+        host = self._hosts.get(host_id)
+        return None if host is None else _copy(host)
+
+    def by_serial(self, serial: str) -> Host | None:
+        host_id = self._serials.get(serial)
+        return None if host_id is None else self.by_id(host_id)
+
+    def keep(self, host: Host) -> Host:
+        """Cache a row just read; returns a copy for the caller."""
+        self.drop(host.id)
+        host._report = None
+        self._hosts[host.id] = host
+        for serial in (host.cert_serial, host.prev_cert_serial):
+            if serial:
+                self._serials[serial] = host.id
+        return _copy(host)
+
+    def lay_over(self, host_id: str, **values: Any) -> None:
+        host = self._hosts.get(host_id)
+        if host is not None:
+            for name, value in values.items():
+                setattr(host, name, value)
+
+    def drop(self, host_id: str) -> None:
+        host = self._hosts.pop(host_id, None)
+        if host is not None:
+            for serial in (host.cert_serial, host.prev_cert_serial):
+                if serial and self._serials.get(serial) == host_id:
+                    del self._serials[serial]
+
+
+def _copy(host: Host) -> Host:
+    """A shallow copy (every field is immutable but the parsed report, which nobody
+    changes): copy.copy's generic path was most of a cached lookup."""
+    twin = object.__new__(Host)
+    twin.__dict__.update(host.__dict__)
+    return twin
 
 
 def _token(row: sqlite3.Row) -> Token:
