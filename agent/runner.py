@@ -24,8 +24,16 @@ from typing import Any
 
 from agent import collectors
 from agent.certs import CertManager, renewal_time
-from agent.checkin import (Acked, Outcome, StatusBook, Verdict, check_in, clamp_interval,
-                           follow_server, retry_delay)
+from agent.checkin import (
+    Acked,
+    Outcome,
+    StatusBook,
+    Verdict,
+    check_in,
+    clamp_interval,
+    follow_server,
+    retry_delay,
+)
 from agent.client import ServerClient
 from agent.config import AgentConfig
 from agent.local_libvirt import LocalLibvirt

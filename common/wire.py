@@ -352,7 +352,7 @@ def _schema(cls: type) -> _Schema:
     return _SCHEMAS[cls]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shape(hint: Any) -> tuple[Any, Any, bool]:
     """(origin, the type within an Optional, is a message) of a field's type, worked out
     once per type: typing's introspection was half of parsing a heartbeat."""

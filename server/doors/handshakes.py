@@ -24,6 +24,7 @@ import asyncio
 import asyncio.sslproto
 import collections
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable
@@ -139,7 +140,7 @@ class Waiting(asyncio.Protocol):
         self._cancel_deadline()
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        left = max(self.gate.timeout - (time.monotonic() - self.since), 0.1)
+        left = max(math.ceil(self.gate.timeout - (time.monotonic() - self.since)), 1)
         tls = asyncio.sslproto.SSLProtocol(loop, self.gate.app_protocol(), self.gate.ctx, done,
                                            server_side=True, ssl_handshake_timeout=left)
         self.transport.set_protocol(tls)
