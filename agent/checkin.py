@@ -12,9 +12,7 @@ import asyncio
 import datetime as dt
 import enum
 import logging
-import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +23,6 @@ from agent.local_libvirt import LocalLibvirt
 from agent.report import build_report
 from agent.state import Enrollment, State
 from common import wire
-from common.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +42,6 @@ UNKNOWN_HOST = "unknown_host"  # server/fleet.py: no host holds this certificate
 
 def clamp_interval(seconds: float) -> float:
     return min(max(seconds, MIN_INTERVAL), MAX_INTERVAL)
-
-
-def retry_delay(backoff: Backoff, retry_after: float, no_answer: bool, window: float,
-                rand: Callable[[], float] = random.random) -> float:
-    """How long to wait after a failed check-in. `no_answer`: the connection failed before
-    any HTTP answer (nothing listening, turned away before TLS by a busy server, cut off
-    by a restart, a timeout): the retry comes at a random moment of the server's
-    reconnect window (its last answer's), so a crowd of agents cut off together comes
-    back spread over it, and every agent is back within it once the server is. Otherwise
-    (a refusal, a 5xx) the jittered backoff, at least what a Retry-After said."""
-    if no_answer and window > 0:
-        backoff.failures += 1
-        return rand() * min(window, MAX_INTERVAL)
-    return backoff.next_delay(retry_after)
 
 
 class Verdict(enum.Enum):

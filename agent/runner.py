@@ -24,16 +24,7 @@ from typing import Any
 
 from agent import collectors
 from agent.certs import CertManager, renewal_time
-from agent.checkin import (
-    Acked,
-    Outcome,
-    StatusBook,
-    Verdict,
-    check_in,
-    clamp_interval,
-    follow_server,
-    retry_delay,
-)
+from agent.checkin import Acked, Outcome, StatusBook, Verdict, check_in, clamp_interval, follow_server
 from agent.client import ServerClient
 from agent.config import AgentConfig
 from agent.local_libvirt import LocalLibvirt
@@ -97,7 +88,6 @@ class Runner:
         self._move_tried = -MOVE_RETRY  # monotonic time of the last try at a new server URL
         self.sent_facts: Any = None  # the /sys facts, as the server last heard them
         self.acked: Acked | None = None  # the report the server last acknowledged
-        self.reconnect_window = 0.0  # the server's, from its last answer
         # The last interval the server gave (clamped), by this process or an earlier one.
         interval = self.book.last.get("interval")
         self._interval = clamp_interval(interval) if isinstance(interval, (int, float)) \
@@ -184,7 +174,6 @@ class Runner:
         if answer.renew:
             self.certs.request()  # in its own task: this check-in is done
         self._interval = clamp_interval(answer.checkin_interval)
-        self.reconnect_window = answer.reconnect_window
         return self._interval
 
     def _failed(self, outcome: Outcome) -> float | None:
@@ -204,8 +193,7 @@ class Runner:
             notify.status(f"refused by the server: {outcome.message}")
             return self._interval if outcome.verdict is Verdict.ROLE_REFUSED else REFUSED_WAIT
         assert outcome.error is not None
-        delay = retry_delay(self.backoff, outcome.error.retry_after,
-                            outcome.error.status is None, self.reconnect_window)
+        delay = self.backoff.next_delay(outcome.error.retry_after)
         log.warning("check-in failed (%s); retrying in %.1f s", outcome.message, delay)
         notify.status(f"cannot check in with {self.enrollment.server_url}: {outcome.message}; "
                       f"next try at {_clock(time.time() + delay)}, last success "

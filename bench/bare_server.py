@@ -28,7 +28,7 @@ from server.tls import ensure_server_cert, limit_tls_buffers, server_context, se
 ANSWER = {"host_id": "0123456789ab", "status": "connecting", "enabled": True, "role": "mixed",
           "detail": "waiting for the agent to report libvirtd's TLS endpoint", "renew": False,
           "server_urls": ["https://127.0.0.1:8443"], "report_digest": "0" * wire.DIGEST_LENGTH,
-          "send_report": False, "reconnect_window": 10.0}
+          "send_report": False}
 INTERVAL = "virtfleet.bench.interval"
 
 

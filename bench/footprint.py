@@ -33,25 +33,30 @@ def tcp_bytes(ns: str, port: int) -> tuple[int, int]:
     return sent, received
 
 
-def last_checkin(agent: Agent) -> float | None:
-    """When the agent last checked in, from its status file."""
+def last_checkin(agent: Agent) -> tuple[float | None, str]:
+    """When the agent last checked in, and what it sent (heartbeat or report)."""
     try:
-        return json.loads((agent.state / "status.json").read_text()).get("at")
+        status = json.loads((agent.state / "status.json").read_text())
     except (FileNotFoundError, ValueError):
-        return None
+        return None, ""
+    return status.get("at"), str(status.get("sent", ""))
 
 
-def checkins_seen(agent: Agent, seconds: float) -> int:
-    """Watch the agent's status file for `seconds`: how many check-ins it recorded."""
-    seen, last = 0, None
+def checkins_seen(agent: Agent, ns: str, port: int, seconds: float) -> dict[str, list[int]]:
+    """Watch the agent's status file for `seconds`: each check-in's bytes sent, by what it
+    sent (the TCP counters read as each one is recorded; check-ins are seconds apart)."""
+    sent: dict[str, list[int]] = {"heartbeat": [], "report": []}
+    last, before = None, tcp_bytes(ns, port)[0]
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        at = last_checkin(agent)
+        at, kind = last_checkin(agent)
         if at is not None and at != last:
-            seen += last is not None
-            last = at
-        time.sleep(0.1)
-    return seen
+            now = tcp_bytes(ns, port)[0]
+            if last is not None and kind in sent:
+                sent[kind].append(now - before)
+            last, before = at, now
+        time.sleep(0.05)
+    return sent
 
 
 def run(quick: bool) -> str:
@@ -70,10 +75,11 @@ def run(quick: bool) -> str:
         # `join` checked in already: measure from the service's own first check-in, on
         # the connection it keeps.
         born = psutil.Process(pid).create_time()
-        wait_for(lambda: (last_checkin(agent) or 0) > born, 30, "the agent's first check-in")
+        wait_for(lambda: (last_checkin(agent)[0] or 0) > born, 30, "the agent's first check-in")
         sampler = Sampler({"agent": pid})
         start, before = time.time(), tcp_bytes(ns, server.port)
-        count = checkins_seen(agent, seconds)
+        kinds = checkins_seen(agent, ns, server.port, seconds)
+        count = sum(map(len, kinds.values()))
         end, after = time.time(), tcp_bytes(ns, server.port)
         private = private_mb(pid)
         sampler.stop()
@@ -93,11 +99,18 @@ def run(quick: bool) -> str:
          f"interval {interval} s, {count} check-ins in {seconds:.0f} s"],
         ["bytes per check-in, sent / received", f"{sent / max(count, 1):,.0f} / "
          f"{received / max(count, 1):,.0f} B", "TLS records on a kept-alive connection"],
+        ["bytes sent per heartbeat / per full report", f"{mean(kinds['heartbeat'])} / "
+         f"{mean(kinds['report'])} B", f"{len(kinds['heartbeat'])} heartbeats, "
+         f"{len(kinds['report'])} reports (at least every 5 min, or when it changed)"],
         ["on the server: the host's libvirt connection", f"{libvirt_kb:.0f} KB",
          "resident memory per `qemu+tls` connection (GnuTLS, libvirt's client)"],
     ]
     return table(f"Footprint of a host (check-in interval {interval} s)",
                  ["measure", "value", "note"], rows)
+
+
+def mean(values: list[int]) -> str:
+    return f"{sum(values) / len(values):,.0f}" if values else "-"
 
 
 def libvirt_connection_kb(server_ns: str, uri: str, count: int) -> float:

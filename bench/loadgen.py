@@ -7,8 +7,7 @@ CheckinRequest around a report built once by the agent's real collectors,
 bench/report.py) first, every REPORT_REFRESH seconds and whenever the server asks for it,
 a heartbeat with the server's digest of it otherwise; after a failure it waits the
 agent's jittered backoff (1 s doubling to 60 s, at least what a Retry-After says), 300 s
-when its identity is refused, with the agent's timeouts, and the first retry after a
-connection that failed before any answer within the server's reconnect window. `--full-reports`: every
+when its identity is refused, with the agent's timeouts. `--full-reports`: every
 check-in carries the report, as agents of protocol 2 and older do.
 
 What it skips is the agent's HTTP client machinery: the request bytes are built once per
@@ -40,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from agent.checkin import REPORT_REFRESH, retry_delay
+from agent.checkin import REPORT_REFRESH
 from agent.state import client_context
 from bench.report import simulated_report
 from common import wire
@@ -100,7 +99,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
         if self.answer is not None and not self.answer.done():
-            self.answer.set_exception(ConnectionResetError("Server disconnected"))
+            self.answer.set_exception(ConnectionError("Server disconnected"))
 
     def eof_received(self) -> None:
         """The server ended the connection (as it does when it shuts down). The agent's
@@ -180,7 +179,6 @@ class Host:
         self.i, self.url, self.ctx, self.report, self.heartbeats = i, url, ctx, report, heartbeats
         self.heartbeat: bytes | None = None  # with the digest of the last report acknowledged
         self.reported_at = 0.0
-        self.window = 0.0  # the server's reconnect window, from its last answer
         self.key = f"sim-{i}"  # its moment in an interval, as the server's for a host id
         parts = urlsplit(url)
         self.address, self.port = parts.hostname or "", parts.port or 443
@@ -212,7 +210,6 @@ class Host:
             self.conn.close()  # the agent's client, too, drops a connection that failed
             raise
         answer: dict[str, object] = json.loads(body)
-        self.window = float(answer.get("reconnect_window") or 0)  # type: ignore[arg-type]
         if data is self.report and self.heartbeats and answer.get("report_digest"):
             self.heartbeat = heartbeat_request(self.url, str(answer["report_digest"]))
             self.reported_at = time.monotonic()
@@ -231,8 +228,7 @@ class Host:
                 delay = REFUSED_WAIT if exc.status in (401, 403) else backoff.next_delay(exc.retry_after)
             except (TimeoutError, OSError, ValueError, KeyError) as exc:
                 stats.errors[error_kind(exc)] += 1
-                delay = retry_delay(backoff, 0.0, isinstance(exc, (TimeoutError, OSError)),
-                                    self.window)
+                delay = backoff.next_delay()
             else:
                 stats.latencies.append((time.perf_counter() - started) * 1000)
                 stats.last_ok[self.i] = time.time()

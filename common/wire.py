@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # 2: check-in answers carry `server_urls`.
 # 3: a check-in is a heartbeat (`report_digest` only) unless the report changed; answers
-#    carry `report_digest`, `send_report` and `reconnect_window`.
+#    carry `report_digest` and `send_report`.
 PROTOCOL_VERSION = 3
 OLDEST_PROTOCOL = 1  # the oldest agents this server still serves
 
@@ -275,14 +275,11 @@ class CheckinResponse:
     # The heartbeat's digest is not the server's (a restart lost a write, another
     # server): send the full report now.
     send_report: bool = False
-    # Turned away before TLS (the server was too busy to shake hands), or unable to
-    # connect at all: try again at a random moment within this many seconds.
-    reconnect_window: float = 0.0
 
 
 # The check-in answer's fields each protocol added: an agent is sent those it knows
 # (agents of protocol 1 refuse a field they do not know).
-ADDED_IN = {"server_urls": 2, "report_digest": 3, "send_report": 3, "reconnect_window": 3}
+ADDED_IN = {"server_urls": 2, "report_digest": 3, "send_report": 3}
 
 
 def answer_for(protocol: int, answer: dict[str, Any]) -> dict[str, Any]:

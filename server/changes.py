@@ -7,9 +7,9 @@ newer than anything: the server restarted and lost its memory) gets told to list
 again (HTTP 410), never a silent gap. Revisions start from the clock at start-up, so
 they only grow across restarts.
 
-Usage figures (`wire.USAGE_KEYS`: free memory, load, free space, running domains) are
-current in every record, but a change of them alone is no change: they move with every
-check-in, and an engine would be woken ten times a second by nothing.
+Usage figures (`wire.USAGE_KEYS`: free memory, load, free space, running domains) are as
+of the host's last full report, and a change of them alone is no change: they move with
+every look, and an engine would be woken ten times a second by nothing.
 
 Records are kept as the JSON they are sent as (a few KB a host), not as Python objects
 (ten times that: 10,000 hosts' facts as dicts doubled the server's memory), and each

@@ -271,9 +271,7 @@ class Fleet:
             # The host moved: its libvirtd certificate no longer names the address we dial.
             renew=host.libvirt_cert_address not in (None, address),
             server_urls=[self.config.url], report_digest=host.report_digest,
-            send_report=send_report,
-            # Turned away, or refused a connection: spread over an interval, as check-ins are.
-            reconnect_window=self.config.checkin_interval)
+            send_report=send_report)
 
     def public_detail(self, host: Host) -> str:
         """The status detail as the host itself may read it. Why the server cannot open

@@ -30,7 +30,6 @@ from server.doors import admin_api, agent_api, engine_api
 from server.doors.engine_api import host_record
 from server.doors.gateway import Gateway
 from server.doors.guard import HANDSHAKE_TIMEOUT, ConnectionGuard, OncePer, raise_file_limit
-from server.doors.handshakes import HandshakeGate
 from server.fleet import Fleet, retire_previous_libvirt_cert
 from server.hosts import HostStatus
 from server.links.direct import Stream, dial
@@ -289,12 +288,11 @@ async def serve(config: ServerConfig) -> int:
         supervisor.start("garbage-collector", memory.collect_garbage_forever)
         supervisor.start("watchdog", loops.watchdog_forever)
         supervisor.start("store-pruner", loops.prune_forever)
-        # Not aiohttp's TCPSite: TLS starts only when the gate gives the connection a slot.
-        gate = HandshakeGate(server_context(key, cert, parts.fleet.identity_ca),
-                             agent_runner.server, HANDSHAKE_TIMEOUT)
+        # Not aiohttp's TCPSite: it sets no deadline for the TLS handshake.
         listener = await asyncio.get_running_loop().create_server(
-            gate.protocol, config.listen_host, config.listen_port, backlog=4096,
-            reuse_address=True)
+            agent_runner.server, config.listen_host, config.listen_port, backlog=1024,
+            ssl=server_context(key, cert, parts.fleet.identity_ca),
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT, reuse_address=True)
         await admin_api.start_socket(admin_runner, config.admin_socket)
         await engine_api.start_socket(engine_runner, config.run_dir / "engine.sock",
                                       parts.gateway.gid)

@@ -108,7 +108,7 @@ def test_a_heartbeat_after_silence_brings_the_host_back_from_offline(parts: Part
 
 @pytest.mark.parametrize("protocol, fields", [
     (1, set()), (2, {"server_urls"}),
-    (3, {"server_urls", "report_digest", "send_report", "reconnect_window"})])
+    (3, {"server_urls", "report_digest", "send_report"})])
 def test_an_agent_is_answered_only_in_fields_its_protocol_knows(parts: Parts, protocol: int,
                                                                 fields: set[str]) -> None:
     serial, report = enrolled(parts.fleet)
