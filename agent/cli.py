@@ -17,7 +17,7 @@ from agent.config import AgentConfig, ConfigError
 from agent.libvirt_tls import TLSSetupError
 from agent.state import Enrollment, State
 from common import VERSION, logs, notify, wire
-from common.cli import Subcommands, ago, fail, print_json, when
+from common.cli import Subcommands, ago, complete, fail, print_json, when
 
 log = logging.getLogger("agent")
 
@@ -132,7 +132,9 @@ def load_config(args: argparse.Namespace, strict: bool = True) -> tuple[AgentCon
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    complete(parser)
+    args = parser.parse_args(argv)
     try:
         config, config_error = load_config(args, strict=args.command != "status")
     except ConfigError as exc:

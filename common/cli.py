@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -78,6 +79,17 @@ class Subcommands:
     def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
         kw.setdefault("description", kw.get("help"))
         return self.action.add_parser(name, **kw)  # type: ignore[no-any-return]
+
+
+def complete(parser: argparse.ArgumentParser) -> None:
+    """Answer bash's completion and exit, when the completion script (argcomplete's, shipped
+    in the .debs) runs the program: it sets _ARGCOMPLETE and reads the words from fd 8.
+    Called before anything but building the parser, so completing has no side effects.
+    Otherwise nothing, and argcomplete is not even imported (a plain run pays nothing)."""
+    if "_ARGCOMPLETE" in os.environ:
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
 
 
 def print_json(obj: Any) -> None:

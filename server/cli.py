@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 from common import VERSION, logs, wire
-from common.cli import Subcommands, ago, duration, fail, print_json, printable, table, when
+from common.cli import Subcommands, ago, complete, duration, fail, print_json, printable, table, when
 from server.config import (
     DEFAULT_PORT,
     DEFAULT_RUN_DIR,
@@ -188,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    complete(parser)
+    args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
     try:

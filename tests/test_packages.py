@@ -9,6 +9,7 @@ READY/STATUS/WATCHDOG, and JOURNAL_STREAM as systemd sets it for a service.
 
 from __future__ import annotations
 
+import argparse
 import grp
 import json
 import os
@@ -17,12 +18,14 @@ import shlex
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from agent.cli import build_parser as agent_parser
 from common.logs import MESSAGE_IDS
+from server.cli import build_parser as server_parser
 from tests.harness import ROOT, Libvirtd, Proc, free_port, wait_for
 
 PACKAGES = ("virtfleet-agent", "virtfleet-server")
@@ -178,6 +181,7 @@ def test_packages_build_install_run_remove_and_purge(tmp_path: Path, clean_machi
             f"{module} went into the global dist-packages"
 
     check_units()
+    check_manuals_and_completion()
     journal = Journald(tmp_path / "journald.log")
     try:
         run_installed(journal, libvirtd, tmp_path)
@@ -215,6 +219,68 @@ def check_units() -> None:
         score = re.search(r"Overall exposure level for (\S+): ([\d.]+)", out)
         assert score, out
         assert f"| `{score[1]}` | {score[2]} |" in readme, f"README: {score[1]} scores {score[2]}"
+
+
+# What bash does on <TAB> with the installed completion script: the function it registered
+# for the program, called with the line so far ($1: the program, $2: the line).
+COMPLETE = r"""
+source "/usr/share/bash-completion/completions/$1"
+COMP_LINE=$2 COMP_POINT=${#2}
+read -ra COMP_WORDS <<<"$2"
+[[ $2 == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$((${#COMP_WORDS[@]} - 1))
+function=$(complete -p "$1" | sed -E 's/.* -F ([^ ]+) .*/\1/')
+"$function" "$1" "${COMP_WORDS[-1]}" "${COMP_WORDS[-2]}"
+printf '%s\n' "${COMPREPLY[@]}"
+"""
+
+
+def completions(line: str) -> set[str]:
+    """What bash offers for `line` (<TAB> at its end), from the installed program."""
+    result = subprocess.run(["bash", "-c", COMPLETE, "bash", line.split()[0], line],
+                            capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+             ) -> Iterator[tuple[tuple[str, ...], list[str]]]:
+    """Every command that does something (("hosts", "list"), not ("hosts",)) in the tree's
+    parser, which the packages were built from, with its options."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from commands(sub, (*path, name))
+            return
+    yield path, [option for action in parser._actions for option in action.option_strings]
+
+
+def check_manuals_and_completion() -> None:
+    """Each program's man page, section 8, documents every command and option it has, and
+    its bash completion offers them (asking the installed program)."""
+    programs: list[tuple[str, Callable[[], argparse.ArgumentParser], str]] = [
+        ("virtfleet-server", server_parser, "hosts"), ("virtfleet-agent", agent_parser, "join")]
+    for program, build_parser, command in programs:
+        assert completions(f"{program} {command[:2]}") == {command}
+        page = subprocess.run(["man", "--warnings", "8", program], capture_output=True,
+                              text=True, env=os.environ | {"LANG": "C.UTF-8", "MANWIDTH": "80"})
+        assert page.returncode == 0 and not page.stderr, page.stderr
+        manual = page.stdout
+        for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "COMMANDS", "SEE ALSO"):
+            assert re.search(rf"^{section}$", manual, re.M), f"{program}(8) has no {section}"
+        offered: dict[str, set[str]] = {}
+        for path, options in commands(build_parser()):
+            name = " ".join(path)
+            assert re.search(rf"^   {name}$", manual, re.M), f"{program}(8) has no `{name}`"
+            for option in options:
+                assert re.search(rf"(^|[\s,]){option}\b", manual, re.M), \
+                    f"{program}(8) does not describe `{name} {option}`"
+            parent = " ".join((program, *path[:-1], ""))
+            if parent not in offered:
+                offered[parent] = completions(parent)
+            assert path[-1] in offered[parent], f"completing `{parent}` offers {offered[parent]}"
+            assert completions(f"{program} {name} --") == {o for o in options if o[:2] == "--"}
 
 
 def run_installed(journal: Journald, libvirtd: Libvirtd, tmp_path: Path) -> None:
