@@ -22,12 +22,14 @@ from urllib.parse import quote
 from common import VERSION, logs, wire
 from common.cli import Subcommands, ago, complete, duration, fail, print_json, printable, table, when
 from server.config import (
+    DEFAULT_METRICS_LISTEN,
     DEFAULT_PORT,
     DEFAULT_RUN_DIR,
     DEFAULT_STATE_DIR,
     ServerConfig,
     unreachable_url_problem,
 )
+from server.store import DEFAULT_AUDIT_RETENTION
 
 EPILOG = """\
 examples:
@@ -95,6 +97,14 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", number
 
 
+def parse_metrics_listen(text: str) -> tuple[str, int] | None:
+    if text.strip().lower() == "off":
+        return None
+    if ":" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: give HOST:PORT (e.g. 127.0.0.1:9464) or off")
+    return parse_listen(text)
+
+
 def reference(text: str) -> str:
     """A host or token reference on the command line: never empty (an empty one would
     name the list, not an item)."""
@@ -152,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-connections-per-address", type=int, default=2048, metavar="N",
                    help="agent connections one source address may hold at once; hosts behind "
                         "one NAT address share it (default 2048)")
+    s.add_argument("--metrics-listen", type=parse_metrics_listen, default=DEFAULT_METRICS_LISTEN,
+                   metavar="HOST:PORT|off",
+                   help="plain-HTTP address of the Prometheus metrics (/metrics) (default "
+                        f"{DEFAULT_METRICS_LISTEN[0]}:{DEFAULT_METRICS_LISTEN[1]}; off: none)")
+    s.add_argument("--audit-retention", type=duration, default=DEFAULT_AUDIT_RETENTION,
+                   metavar="DURATION", help="how long audit entries are kept (default 90d)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     t = sub.add_parser("token", help="join tokens: create, list, revoke")
@@ -184,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("id", type=reference, help=HOST_REF)
     sr.add_argument("role", choices=wire.ROLES)
     sub.add_parser("status", help="the server's URL, CA pin and host counts", parents=[shared])
+    au = sub.add_parser("audit", help="who enrolled, created, revoked, enabled, disabled, forgot "
+                        "or set the role of what, and how it ended", parents=[shared])
+    au.add_argument("--since", type=since_time, default=None, metavar="DURATION|TIME",
+                    help="entries from this long ago (1h, 2d) or this time (2026-12-01 "
+                         "or '2026-12-01 10:00'); default: the last 7 days")
+    au.add_argument("--host", type=reference, default=None, metavar="HOST",
+                    help="only entries about this host (" + HOST_REF + ")")
     return p
 
 
@@ -215,7 +238,8 @@ def serve(args: argparse.Namespace) -> int:
         advertise_url=args.advertise_url, checkin_interval=args.checkin_interval,
         grace=args.grace, identity_cert_lifetime=lifetime, libvirt_cert_lifetime=lifetime,
         enroll_rate=args.enroll_rate, max_connections_per_address=args.max_connections_per_address,
-        run_dir=args.run_dir, engine_group=args.engine_group)
+        run_dir=args.run_dir, engine_group=args.engine_group, metrics_listen=args.metrics_listen,
+        audit_retention=args.audit_retention)
     problem = unreachable_url_problem(config)
     if problem and not args.advertise_url:
         return fail(problem)  # a guess that is certainly wrong: refuse it
@@ -240,7 +264,39 @@ def run_admin(args: argparse.Namespace) -> int:
         return 0
     if args.command == "token":
         return token_command(args, state)
+    if args.command == "audit":
+        return audit_command(args, state)
     return hosts_command(args, state)
+
+
+AUDIT_DEFAULT_SPAN = 7 * 86400.0
+
+
+def since_time(text: str) -> float:
+    """A duration back from now ('2d') or a local time ('2026-12-01', '2026-12-01 10:00')."""
+    for form in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
+        try:
+            return time.mktime(time.strptime(text.strip(), form))
+        except ValueError:
+            continue
+    try:
+        return time.time() - duration(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (30m, 2d) nor a time (2026-12-01 10:00)") from None
+
+
+def audit_command(args: argparse.Namespace, state: Path) -> int:
+    since = args.since if args.since is not None else time.time() - AUDIT_DEFAULT_SPAN
+    query = f"since={since:.3f}" + (f"&host={quote(args.host, safe='')}" if args.host else "")
+    entries = admin_call(state, "GET", f"/v1/audit?{query}")
+    if args.json:
+        print_json(entries)
+        return 0
+    print(table(["time", "actor", "action", "target", "outcome", "detail"], [
+        (when(e["at"]), e["actor"], e["action"], e["target"], e["outcome"], e["detail"])
+        for e in entries]))
+    return 0
 
 
 def token_command(args: argparse.Namespace, state: Path) -> int:

@@ -10,9 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from server.store import DEFAULT_AUDIT_RETENTION
+
 DEFAULT_STATE_DIR = Path("/var/lib/virtfleet-server")
 DEFAULT_PORT = 8443
 DEFAULT_RUN_DIR = Path("/run/virtfleet-server")
+DEFAULT_METRICS_LISTEN = ("127.0.0.1", 9464)  # Prometheus's registered port for exporters
 
 
 @dataclass
@@ -29,6 +32,8 @@ class ServerConfig:
     max_connections_per_address: int = 2048
     run_dir: Path = DEFAULT_RUN_DIR  # the gateway's and the engine API's sockets
     engine_group: str = "virtfleet-engine"  # who may use them
+    metrics_listen: tuple[str, int] | None = DEFAULT_METRICS_LISTEN  # None: no metrics
+    audit_retention: float = DEFAULT_AUDIT_RETENTION  # seconds an audit entry is kept
 
     @property
     def admin_socket(self) -> Path:

@@ -23,13 +23,14 @@ from cryptography.x509.oid import NameOID
 from common import pki, wire
 from common.logs import event
 from server import ca as ca_mod
+from server.audit import Audit
 from server.ca import CertificateAuthority, libvirt_names
 from server.config import ServerConfig
 from server.hosts import HostStatus
 from server.model import AdminState, Connection, Host, LinkState, Status, Token
 from server.ratelimit import RateLimiter
 from server.store import Store, StoreError
-from server.tokens import TokenError, TokenSigner
+from server.tokens import TokenClaims, TokenError, TokenSigner
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class Fleet:
     def __init__(self, config: ServerConfig, store: Store, identity_ca: CertificateAuthority,
                  libvirt_ca: CertificateAuthority, signer: TokenSigner, status: HostStatus,
                  links: LinkControl, link_states: Mapping[str, Connection],
-                 libvirt_client_dn: str) -> None:
+                 libvirt_client_dn: str, audit: Audit) -> None:
         self.config = config
         self.store = store
         self.identity_ca = identity_ca
@@ -87,6 +88,7 @@ class Fleet:
         self.links = links
         self.link_states = link_states
         self.libvirt_client_dn = libvirt_client_dn
+        self.audit = audit
         self._checkins = RateLimiter(CHECKIN_RATE, CHECKIN_BURST)
         self._renewals = RateLimiter(RENEW_RATE, RENEW_BURST)
 
@@ -108,13 +110,31 @@ class Fleet:
 
     def enroll(self, req: wire.EnrollRequest, address: str,
                replaces: Host | None = None) -> wire.EnrollResponse:
-        """Enroll a host. `replaces`: the host whose (still valid) identity the request
-        came with, when an enrolled host joins again: it keeps its id and history and
-        takes the new identity in place, so one machine never shows twice."""
+        """Enroll a host, and say so in the audit log either way. `replaces`: the host
+        whose (still valid) identity the request came with, when an enrolled host joins
+        again: it keeps its id and history and takes the new identity in place, so one
+        machine never shows twice."""
+        actor = f"agent at {address}"
         try:
             claims = self.signer.verify(req.token)
         except TokenError as exc:
+            self.audit.record(actor, "enroll", "a token that does not verify", "refused", str(exc),
+                              address=address)
             raise Refused(403, "token_refused", str(exc)) from None
+        try:
+            response = self._enroll(req, address, replaces, claims)
+        except Refused as exc:
+            self.audit.record(actor, "enroll", f"token {claims.jti}", "refused", exc.message,
+                              host_id=replaces.id if replaces else "", address=address)
+            raise
+        self.audit.record(actor, "enroll", f"host {response.host_id} ({req.report.hostname})", "ok",
+                          f"token {claims.jti}, role {req.report.role}"
+                          + (", joined again" if replaces else ""),
+                          host_id=response.host_id, address=address)
+        return response
+
+    def _enroll(self, req: wire.EnrollRequest, address: str, replaces: Host | None,
+                claims: TokenClaims) -> wire.EnrollResponse:
         role = req.report.role
         if not wire.role_within(role, claims.role):
             raise Refused(403, "role_refused",

@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from common import notify
 from server import memory
+from server.audit import Audit
 from server.ca import CertificateAuthority
 from server.changes import ChangeLog
 from server.config import ServerConfig
-from server.doors import admin_api, agent_api, engine_api
+from server.doors import admin_api, agent_api, engine_api, metrics
 from server.doors.engine_api import host_record
 from server.doors.gateway import Gateway
 from server.doors.guard import HANDSHAKE_TIMEOUT, ConnectionGuard, OncePer, raise_file_limit
@@ -60,6 +62,8 @@ class Parts:
     gateway: Gateway
     changes: ChangeLog
     events: HostEvents
+    registry: CollectorRegistry
+    instruments: metrics.Instruments
 
     def close(self) -> None:
         self.opener.stop()
@@ -146,8 +150,25 @@ def build(config: ServerConfig) -> Parts:
     links = LinkManager(opener, store.get_host, states, on_change=status.refresh,
                         on_served=functools.partial(retire_previous_libvirt_cert, store))
     events = HostEvents(store, links, gateway, feed)
-    fleet = Fleet(config, store, identity_ca, libvirt_ca, signer, status, events, states, CLIENT_DN)
-    return Parts(config, store, fleet, status, links, opener, gateway, changes, events)
+    fleet = Fleet(config, store, identity_ca, libvirt_ca, signer, status, events, states, CLIENT_DN,
+                  Audit(store))
+    registry = metrics.registry_with_process()
+    return Parts(config, store, fleet, status, links, opener, gateway, changes, events, registry,
+                 metrics.Instruments(registry))
+
+
+def metrics_state(parts: Parts, guard: ConnectionGuard) -> metrics.State:
+    return metrics.State(
+        hosts=parts.store, link_states=lambda: (c.state for c in parts.links.states.values()),
+        link_counts=parts.links.counts, gateway_counts=parts.gateway.counts,
+        watchers=lambda: parts.changes.watchers, refused_connections=lambda: dict(guard.refused))
+
+
+def metrics_url(config: ServerConfig) -> str:
+    if config.metrics_listen is None:
+        return "off"
+    host, port = config.metrics_listen
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
 
 
 async def dial_host(store: Store, ctx: ssl.SSLContext, host_id: str) -> Stream:
@@ -233,12 +254,12 @@ class Loops:
     async def prune_forever(self) -> None:
         while True:
             try:
-                gone = self.parts.store.prune(time.time())
+                gone = self.parts.store.prune(time.time(), self.parts.config.audit_retention)
             except StoreError as exc:
                 log.error("pruning the store failed: %s", exc)
             else:
                 if gone:
-                    log.info("pruned %d expired certificate and token records", gone)
+                    log.info("pruned %d expired certificate, token and audit records", gone)
             await asyncio.sleep(PRUNE_EVERY)
 
     async def watchdog_forever(self) -> None:
@@ -266,15 +287,19 @@ async def serve(config: ServerConfig) -> int:
     key, cert = ensure_server_cert(parts.fleet.identity_ca, config.state_dir / "tls",
                                    server_names(config.url, config.listen_host))
     guard = ConnectionGuard(config.max_connections_per_address)
-    agent_runner = web.AppRunner(agent_api.create_app(parts.fleet), access_log=None)
+    agent_runner = web.AppRunner(agent_api.create_app(parts.fleet, parts.instruments),
+                                 access_log=None)
     admin_runner = web.AppRunner(admin_api.create_admin_app(parts.fleet, parts.links,
                                                             parts.gateway), access_log=None)
     engine_runner = web.AppRunner(engine_api.create_engine_app(parts.changes), access_log=None)
+    metrics_runner = web.AppRunner(metrics.create_metrics_app(parts.registry, metrics_state(
+        parts, guard)), access_log=None)
     supervisor = Supervisor()
     loops = Loops(parts, supervisor)
     await agent_runner.setup()
     await admin_runner.setup()
     await engine_runner.setup()
+    await metrics_runner.setup()
     assert agent_runner.server is not None
     guard.install(agent_runner.server)
     listener: asyncio.Server | None = None
@@ -296,9 +321,11 @@ async def serve(config: ServerConfig) -> int:
         await admin_api.start_socket(admin_runner, config.admin_socket)
         await engine_api.start_socket(engine_runner, config.run_dir / "engine.sock",
                                       parts.gateway.gid)
-        log.info("virtfleet-server listening on %s:%d (join URL %s), admin socket %s; up to %d "
-                 "open files", config.listen_host, config.listen_port, config.url,
-                 config.admin_socket, files)
+        if config.metrics_listen is not None:
+            await web.TCPSite(metrics_runner, *config.metrics_listen).start()
+        log.info("virtfleet-server listening on %s:%d (join URL %s), admin socket %s, metrics %s; "
+                 "up to %d open files", config.listen_host, config.listen_port, config.url,
+                 config.admin_socket, metrics_url(config), files)
         notify.ready(f"serving {config.url}")
         failed = await _until_stopped(supervisor)
         log.info("shutting down")
@@ -308,6 +335,7 @@ async def serve(config: ServerConfig) -> int:
         if listener is not None:
             listener.close()
         await parts.gateway.stop()
+        await metrics_runner.cleanup()
         await engine_runner.cleanup()
         parts.gateway.remove_run_dir()
         await admin_runner.cleanup()

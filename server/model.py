@@ -144,6 +144,29 @@ class Host:
         return tuple(s for s in (self.libvirt_cert_serial, self.prev_libvirt_cert_serial) if s)
 
 
+@dataclass(frozen=True)
+class HostSummary:
+    """What a list of every host needs (metrics): no report, no certificates."""
+
+    id: str
+    hostname: str
+    status: str
+    role: str
+    last_checkin: float | None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    at: float
+    actor: str  # "root (uid 0)" on the admin socket; the source address for an enrollment
+    action: str  # audit.ACTIONS
+    target: str  # "host ID (NAME)", "token ID"
+    outcome: str  # "ok" | "refused"
+    detail: str = ""
+    host_id: str = ""  # the host it concerns, if any (for `audit --host`)
+    address: str = ""  # where the request came from, for enrollments
+
+
 @dataclass
 class HistoryEntry:
     at: float

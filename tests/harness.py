@@ -268,8 +268,13 @@ class Server:
         # Short: a unix socket's path has room for 107 bytes, and pytest's dirs are long.
         digest = hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:10]
         self.run_dir = Path(tempfile.gettempdir()) / f"vfr-{digest}"
+        # Its own metrics port: servers of tests run side by side.
+        self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
+        metrics = () if "--metrics-listen" in extra else (
+            "--metrics-listen", self.metrics_url.split("/")[2])
         self.proc = Proc([str(VENV_BIN / "virtfleet-server"), "--state-dir", str(state), "serve",
-                          "--listen", f"{host}:{port}", "--run-dir", str(self.run_dir), *extra],
+                          "--listen", f"{host}:{port}", "--run-dir", str(self.run_dir), *metrics,
+                          *extra],
                          state.parent / f"{state.name}.log", netns=netns)
 
     def start(self) -> Server:

@@ -38,7 +38,7 @@ def test_the_document_is_valid_openapi(document: dict[str, Any]) -> None:
 def test_every_route_the_app_serves_is_described(tmp_path: Path, document: dict[str, Any]) -> None:
     parts = build(ServerConfig(state_dir=tmp_path / "server"))
     try:
-        app = create_app(parts.fleet)
+        app = create_app(parts.fleet, parts.instruments)
     finally:
         parts.close()
     served = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.resource}

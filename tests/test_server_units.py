@@ -565,7 +565,8 @@ def test_the_server_exits_non_zero_naming_a_background_task_that_died(
 
     monkeypatch.setattr(memory, "collect_garbage_forever", broken)
     monkeypatch.setattr(memory, "tune_garbage_collector", lambda: None)
-    config = ServerConfig(state_dir=tmp_path / "s", listen_host="127.0.0.1", listen_port=0)
+    config = ServerConfig(state_dir=tmp_path / "s", listen_host="127.0.0.1", listen_port=0,
+                          run_dir=tmp_path / "run", metrics_listen=None)
     code = asyncio.run(asyncio.wait_for(server_main_mod.serve(config), 20))
     assert code == 1
     assert "background task garbage-collector stopped: RuntimeError('collector broke')" in caplog.text

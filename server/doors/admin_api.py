@@ -7,6 +7,8 @@ created mode 0600 inside the 0700 state directory. `virtfleet-server token ...` 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from common import wire
+from server.audit import host_target, peer_actor
 from server.config import unreachable_url_problem
 from server.doors.http import FLEET, errors_middleware, fleet_of
 from server.fleet import Fleet, Refused
@@ -26,6 +29,7 @@ MAX_USES = 100_000
 
 LINKS = "virtfleet.links"
 GATEWAY = "virtfleet.gateway"
+AUDIT_LIMIT = 10_000  # entries one answer carries at most (the newest)
 MIN_PREFIX = 2  # characters of an id that may stand for it
 
 
@@ -50,7 +54,12 @@ def create_admin_app(fleet: Fleet, links: LinkView, gateway: GatewayView) -> web
     app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_get("/v1/hosts/{ref}", show_host)
     app.router.add_post("/v1/hosts/{ref}/{action:enable|disable|forget|set-role}", host_action)
+    app.router.add_get("/v1/audit", list_audit)
     return app
+
+
+def actor_of(request: web.Request) -> str:
+    return peer_actor(request.transport.get_extra_info("socket") if request.transport else None)
 
 
 async def start_socket(runner: web.AppRunner, path: Path) -> None:
@@ -108,7 +117,11 @@ async def create_token(request: web.Request) -> web.Response:
         raise Refused(400, "bad_request", f"uses must be between 1 and {MAX_USES}")
     auto_enable = _field(body, "auto_enable", bool, True)
     description = _field(body, "description", str, "")[:200]
-    created = fleet_of(request).create_token(role, ttl, uses, auto_enable, description)
+    fleet = fleet_of(request)
+    created = fleet.create_token(role, ttl, uses, auto_enable, description)
+    fleet.audit.record(actor_of(request), "token_create", f"token {created.record.jti}", "ok",
+                       f"role {role}, {uses} use(s), valid {ttl:g} s"
+                       + ("" if auto_enable else ", hosts wait for enable"))
     return web.json_response({
         "join": created.join,
         "command": "virtfleet-agent join -",
@@ -130,6 +143,7 @@ async def revoke_token(request: web.Request) -> web.Response:
                        "virtfleet-server token list")
     token = store.revoke_token(jti, time.time())
     assert token is not None
+    fleet_of(request).audit.record(actor_of(request), "token_revoke", f"token {jti}", "ok")
     return web.json_response(token_view(token, store.token_hosts().get(jti, [])))
 
 
@@ -188,17 +202,55 @@ async def host_action(request: web.Request) -> web.Response:
     fleet = fleet_of(request)
     host = resolve_host(fleet, request.match_info["ref"])
     action = request.match_info["action"]
+    audited = functools.partial(fleet.audit.record, actor_of(request),
+                                "host_" + action.replace("-", "_"), host_target(host),
+                                host_id=host.id)
+    try:
+        detail = await _act(request, fleet, host, action)
+    except Refused as exc:
+        audited("refused", exc.message)
+        raise
+    audited("ok", detail)
     if action == "forget":
-        fleet.forget(host)
         return web.json_response({"id": host.id, "forgotten": True})
-    if action == "set-role":
-        body = await _body(request)
-        fleet.set_role(host, _field(body, "role", str, ""))
-    else:
-        fleet.set_admin_state(host, AdminState.ENABLED if action == "enable" else AdminState.DISABLED)
     fresh = fleet.store.get_host(host.id)
     assert fresh is not None
     return web.json_response(host_detail(request, fresh))
+
+
+async def _act(request: web.Request, fleet: Fleet, host: Host, action: str) -> str:
+    """Do it; what changed, in words, for the audit log."""
+    if action == "forget":
+        fleet.forget(host)
+        return ""
+    if action == "set-role":
+        role = _field(await _body(request), "role", str, "")
+        fleet.set_role(host, role)
+        return f"role {host.role} -> {role}"
+    fleet.set_admin_state(host, AdminState.ENABLED if action == "enable" else AdminState.DISABLED)
+    return f"was {host.admin_state}"
+
+
+def _audited_host(fleet: Fleet, ref: str) -> str:
+    """A known host as anywhere else; a forgotten one by its whole id."""
+    try:
+        return resolve_host(fleet, ref).id
+    except Refused as exc:
+        if exc.status == 404 and fleet.store.audit(0.0, ref, 1):
+            return ref
+        raise
+
+
+async def list_audit(request: web.Request) -> web.Response:
+    fleet = fleet_of(request)
+    try:
+        since = float(request.query.get("since", "0"))
+    except ValueError:
+        raise Refused(400, "bad_request", "since: expected a Unix time in seconds") from None
+    ref = request.query.get("host", "")
+    host_id = _audited_host(fleet, ref) if ref else ""
+    entries = fleet.store.audit(since, host_id, AUDIT_LIMIT)
+    return web.json_response([dataclasses.asdict(e) for e in entries])
 
 
 def host_summary(host: Host) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -17,7 +18,8 @@ from aiohttp import web
 from common import wire
 from server.doors import openapi
 from server.doors.guard import BODY_TIMEOUT
-from server.doors.http import FLEET, errors_middleware, fleet_of
+from server.doors.http import FLEET, ON_REFUSED, errors_middleware, fleet_of
+from server.doors.metrics import INSTRUMENTS, Instruments
 from server.fleet import Fleet, Refused, rate_limited, serial_of
 from server.ratelimit import RateLimiter
 
@@ -74,6 +76,18 @@ async def get_ca(request: web.Request) -> web.Response:
 
 
 async def post_enroll(request: web.Request) -> web.Response:
+    instruments: Instruments = request.app[INSTRUMENTS]
+    started = time.perf_counter()
+    try:
+        response = await enroll(request)
+    except Exception:
+        instruments.enrolled(False, time.perf_counter() - started)
+        raise
+    instruments.enrolled(True, time.perf_counter() - started)
+    return response
+
+
+async def enroll(request: web.Request) -> web.Response:
     address = peer_address(request)
     limiter: RateLimiter = request.app[ENROLL_LIMIT]
     if not limiter.allow(address):
@@ -90,11 +104,14 @@ async def post_enroll(request: web.Request) -> web.Response:
 
 
 async def post_checkin(request: web.Request) -> web.Response:
+    started = time.perf_counter()
     fleet = fleet_of(request)
     host = fleet.host_for_certificate(peer_serial(request))
     req = await read_message(request, wire.CheckinRequest)
     answer = wire.to_json(fleet.checkin(host, req, peer_address(request)))
-    return web.json_response(wire.answer_for(req.protocol, answer), dumps=_compact)
+    response = web.json_response(wire.answer_for(req.protocol, answer), dumps=_compact)
+    request.app[INSTRUMENTS].checked_in(req.report is None, time.perf_counter() - started)
+    return response
 
 
 async def post_renew(request: web.Request) -> web.Response:
@@ -104,10 +121,12 @@ async def post_renew(request: web.Request) -> web.Response:
     return json_message(fleet.renew(host, req, peer_address(request)))
 
 
-def create_app(fleet: Fleet) -> web.Application:
+def create_app(fleet: Fleet, instruments: Instruments) -> web.Application:
     app = web.Application(middlewares=[errors_middleware],
                           client_max_size=wire.MAX_BODY_BYTES)
     app[FLEET] = fleet
+    app[INSTRUMENTS] = instruments
+    app[ON_REFUSED] = instruments.refusal
     app[ENROLL_LIMIT] = RateLimiter(fleet.config.enroll_rate)
     app.router.add_get(wire.CA_PATH, get_ca)
     app.router.add_post(wire.ENROLL_PATH, post_enroll)

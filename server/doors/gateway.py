@@ -39,6 +39,18 @@ def socket_uri(path: Path) -> str:
 
 
 @dataclass
+class GatewayCounts:
+    """Totals over every socket, for metrics (relays that ended and forgotten hosts'
+    sockets included)."""
+
+    open: int = 0
+    accepted: int = 0
+    refused: int = 0
+    bytes_to_hosts: int = 0
+    bytes_from_hosts: int = 0
+
+
+@dataclass
 class HostSocket:
     path: Path
     listener: asyncio.Server
@@ -57,6 +69,8 @@ class Gateway:
         self.group, self.gid = group, _group_id(group)
         self.sockets: dict[str, HostSocket] = {}
         self._pending: set[str] = set()
+        self._live: set[Relay] = set()  # every socket's, for the totals
+        self._ended = GatewayCounts()  # what relays that ended moved, and refusals
         self._started = False  # sockets are opened only while the server serves
 
     def prepare(self) -> None:
@@ -92,6 +106,14 @@ class Gateway:
         if sock is None:
             return {"open": 0, "accepted": 0, "refused": 0}
         return {"open": len(sock.relays), "accepted": sock.accepted, "refused": sock.refused}
+
+    def counts(self) -> GatewayCounts:
+        live, ended = self._live, self._ended
+        return GatewayCounts(
+            open=len(live), accepted=ended.accepted + sum(s.accepted for s in self.sockets.values()),
+            refused=ended.refused + sum(s.refused for s in self.sockets.values()),
+            bytes_to_hosts=ended.bytes_to_hosts + sum(r.sent for r in live),
+            bytes_from_hosts=ended.bytes_from_hosts + sum(r.received for r in live))
 
     def sync(self, host_id: str, enabled: bool) -> None:
         """The host's socket exists exactly while the host is enabled (and the server
@@ -145,18 +167,24 @@ class Gateway:
             return
         relay = Relay(client=client, upstream=upstream)
         sock.relays.add(relay)
+        self._live.add(relay)
         sock.accepted += 1
         try:
             await relay.run()
         finally:
             sock.relays.discard(relay)
+            self._live.discard(relay)
             relay.close()
+            self._ended.bytes_to_hosts += relay.sent
+            self._ended.bytes_from_hosts += relay.received
 
     def close(self, host_id: str) -> None:
         """Remove the host's socket and cut every connection relayed through it."""
         sock = self.sockets.pop(host_id, None)
         if sock is None:
             return
+        self._ended.accepted += sock.accepted
+        self._ended.refused += sock.refused
         sock.listener.close()
         sock.path.unlink(missing_ok=True)
         for relay in list(sock.relays):

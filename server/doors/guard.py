@@ -38,7 +38,7 @@ class ConnectionGuard:
         self.per_address: Counter[str] = Counter()
         self._address: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._served: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.refused = 0  # connections closed for the cap or a deadline
+        self.refused: Counter[str] = Counter()  # connections closed, by why
 
     def install(self, server: web.Server) -> None:
         made, lost, make_request = server.connection_made, server.connection_lost, \
@@ -70,7 +70,7 @@ class ConnectionGuard:
         peer = transport.get_extra_info("peername")
         address = str(peer[0]) if peer else ""
         if self.per_address[address] >= self.max_per_address:
-            self.refused += 1
+            self.refused["per_address_cap"] += 1
             transport.abort()
             return
         self.per_address[address] += 1
@@ -87,7 +87,7 @@ class ConnectionGuard:
 
     def _deadline(self, transport: asyncio.Transport) -> None:
         if transport not in self._served and not transport.is_closing():
-            self.refused += 1
+            self.refused["no_request_in_time"] += 1
             transport.abort()
 
 

@@ -14,6 +14,8 @@ from server.store import StoreUnavailable
 log = logging.getLogger(__name__)
 
 FLEET = "virtfleet.fleet"  # app key (aiohttp 3.8, Debian 12's, has no web.AppKey)
+ON_REFUSED = "virtfleet.on_refused"  # app key: called with the error code of each refusal
+ERROR_CODE = "virtfleet.error"  # on a refusal's response: its code
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -23,7 +25,9 @@ def fleet_of(request: web.Request) -> Fleet:
 
 def error_response(status: int, code: str, message: str,
                    headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+    response = web.json_response({"error": code, "message": message}, status=status, headers=headers)
+    response[ERROR_CODE] = code
+    return response
 
 
 @web.middleware
@@ -31,6 +35,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Turn every failure into a JSON refusal; never leak a stack trace to a client."""
     response = await _answer(request, handler)
     if response.status >= 400:
+        on_refused = request.app.get(ON_REFUSED)
+        if on_refused is not None:
+            on_refused(response.get(ERROR_CODE, str(response.status)))
         await _drain(request)
     return response
 

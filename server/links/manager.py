@@ -54,6 +54,15 @@ class Link:
     idle: bool = False  # waiting for the host to become ready, not in a backoff
 
 
+@dataclass
+class LinkCounts:
+    """Running totals, for metrics."""
+
+    opens: int = 0
+    failures: int = 0
+    lost: int = 0  # open connections that closed by themselves
+
+
 def may_dial(host: Host | None) -> bool:
     return host is not None and dial_blocker(
         host, "offline" if host.status == Status.OFFLINE else None) is None
@@ -92,6 +101,7 @@ class LinkManager:
         self.on_change = on_change
         self.on_served = on_served
         self.links: dict[str, Link] = {}
+        self.counts = LinkCounts()
         self._started = False
 
     # -- what the rest of the server reads ------------------------------------------
@@ -197,8 +207,10 @@ class LinkManager:
             opened = await self.opener.open(target, needs_of(host))
         except OpenError as exc:
             link.tries += 1
+            self.counts.failures += 1
             self._fail(link, str(exc))
             return False
+        self.counts.opens += 1
         link.opened, link.connected_since, link.tries = opened, time.time(), 0
         self._set(link, Connection(LinkState.ONLINE, f"libvirt connection open (libvirt "
                                                      f"{opened.remote_version}, role {host.role})"))
@@ -211,6 +223,7 @@ class LinkManager:
         assert link.opened is not None
         await link.opened.closed.wait()
         opened, link.opened, link.connected_since = link.opened, None, None
+        self.counts.lost += 1
         reason = opened.close_reason or "closed"
         await self.opener.close(opened)
         event(log, "connection_lost", "host %s: libvirt connection lost: %s", host.hostname, reason,

@@ -89,4 +89,20 @@ SQLITE_MIGRATIONS = [
     """
     ALTER TABLE hosts ADD COLUMN report_digest TEXT NOT NULL DEFAULT '';
     """,
+    # 7: the audit log (server/audit.py).
+    """
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        host_id TEXT NOT NULL DEFAULT '',
+        address TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX audit_at ON audit(at);
+    CREATE INDEX audit_host ON audit(host_id, at);
+    """,
 ]

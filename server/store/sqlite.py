@@ -11,12 +11,12 @@ import logging
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any
 
-from server.model import HistoryEntry, Host, Status, Token
-from server.store import StatusChange, StoreError, StoreUnavailable
+from server.model import AuditEntry, HistoryEntry, Host, HostSummary, Status, Token
+from server.store import DEFAULT_AUDIT_RETENTION, StatusChange, StoreError, StoreUnavailable
 from server.store.migrations import SQLITE_MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,10 @@ SWEEP_SQL = ("SELECT id FROM hosts WHERE admin_state='enabled' AND CASE WHEN sta
              "THEN COALESCE(last_checkin, enrolled_at) >= ? "
              "ELSE MAX(COALESCE(last_checkin, enrolled_at), ?) < ? END")
 COUNTS_SQL = "SELECT status, COUNT(*) FROM hosts GROUP BY status"
+SUMMARY_SQL = ("SELECT id, hostname, status, COALESCE(role_override, configured_role), last_checkin "
+               "FROM hosts ORDER BY hostname, id")
 
+_AUDIT_COLUMNS = ", ".join(f.name for f in fields(AuditEntry))
 CHECKIN_BATCH = 2000  # queued check-ins that are written at once, whatever the time
 HISTORY_KEEP = 200  # rows kept per host: the oldest go first
 # A host whose status keeps changing (a flood of new error texts) gets at most
@@ -199,6 +202,10 @@ class SqliteStore:
         rows = self.db.execute(SWEEP_SQL, (cutoff, started_at, cutoff)).fetchall()
         return [r[0] for r in rows]
 
+    def host_summaries(self) -> list[HostSummary]:
+        self._flush_for_read()
+        return [HostSummary(*r) for r in self.db.execute(SUMMARY_SQL).fetchall()]
+
     def status_counts(self) -> dict[str, int]:
         self._flush_for_read()
         return {r[0]: r[1] for r in self.db.execute(COUNTS_SQL).fetchall()}
@@ -358,14 +365,31 @@ class SqliteStore:
                 for r in reversed(rows)]
 
 
-    def prune(self, now: float) -> int:
-        """Forget what can matter no more: libvirtd certificates expired a day ago, and
-        tokens that expired a month ago and no known host joined with. Returns rows gone."""
+    # -- audit -------------------------------------------------------------
+
+    def add_audit(self, entry: AuditEntry) -> None:
+        with self.transaction() as db:
+            db.execute(f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       astuple(entry))
+
+    def audit(self, since: float = 0.0, host_id: str = "", limit: int = 1000) -> list[AuditEntry]:
+        """The newest `limit` entries since `since` (of one host, if given), oldest first."""
+        of_host = "AND host_id = ?" if host_id else ""
+        args = (since, host_id, limit) if host_id else (since, limit)
+        rows = self.db.execute(f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE at >= ? {of_host} "
+                               "ORDER BY seq DESC LIMIT ?", args).fetchall()
+        return [AuditEntry(*r) for r in reversed(rows)]
+
+    def prune(self, now: float, audit_retention: float = DEFAULT_AUDIT_RETENTION) -> int:
+        """Forget what can matter no more: libvirtd certificates expired a day ago, tokens
+        that expired a month ago and no known host joined with, audit entries older than
+        `audit_retention` seconds. Returns rows gone."""
         with self.transaction() as db:
             gone = db.execute("DELETE FROM libvirt_certs WHERE not_after < ?",
                               (now - 86400,)).rowcount
             gone += db.execute("DELETE FROM tokens WHERE expires_at < ? AND jti NOT IN "
                                "(SELECT token_jti FROM hosts)", (now - 30 * 86400,)).rowcount
+            gone += db.execute("DELETE FROM audit WHERE at < ?", (now - audit_retention,)).rowcount
         return int(gone)
 
 
