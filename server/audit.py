@@ -2,11 +2,13 @@
 
 Every enrollment that reached the token check (accepted or refused, with the token id
 and the source address), every token created or revoked, every host enabled, disabled,
-forgotten or given a role. Each entry is stored (kept `--audit-retention`, default 90
-days) and sent to the journal with VIRTFLEET_EVENT=audit_<action>, so `journalctl
-VIRTFLEET_EVENT=audit_host_forget` finds it as well as `virtfleet-server audit`.
+forgotten or given a role, every web login URL made, opened (or refused: spent,
+expired) and every web session revoked. Each entry is stored (kept `--audit-retention`,
+default 90 days) and sent to the journal with VIRTFLEET_EVENT=audit_<action>, so
+`journalctl VIRTFLEET_EVENT=audit_host_forget` finds it as well as `virtfleet-server audit`.
 
-Secrets never reach it: a token appears by its id, never as the signed string.
+Secrets never reach it: a token appears by its id, never as the signed string; a web
+session by its public id, never by its cookie or login URL.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from server.store import StoreError
 log = logging.getLogger(__name__)
 
 ACTIONS = ("enroll", "token_create", "token_revoke", "host_enable", "host_disable",
-           "host_forget", "host_set_role")
+           "host_forget", "host_set_role", "web_login_url", "web_login", "web_session_revoke")
 
 
 class AuditStore(Protocol):

@@ -26,10 +26,14 @@ from server.config import (
     DEFAULT_PORT,
     DEFAULT_RUN_DIR,
     DEFAULT_STATE_DIR,
+    DEFAULT_WEB_LISTEN,
+    DEFAULT_WEB_SESSION_IDLE,
     ServerConfig,
     unreachable_url_problem,
+    web_problem,
 )
 from server.store import DEFAULT_AUDIT_RETENTION
+from server.views import describe_facts, short
 
 EPILOG = """\
 examples:
@@ -37,6 +41,7 @@ examples:
   virtfleet-server token create --role hypervisor --ttl 1h --uses 1
   virtfleet-server hosts list
   virtfleet-server hosts show hv-03
+  virtfleet-server web-login
 """
 
 
@@ -105,6 +110,12 @@ def parse_metrics_listen(text: str) -> tuple[str, int] | None:
     return parse_listen(text)
 
 
+def parse_web_listen(text: str) -> tuple[str, int] | None:
+    if text.strip().lower() != "off" and ":" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: give HOST:PORT (e.g. 127.0.0.1:8444) or off")
+    return parse_metrics_listen(text)
+
+
 def reference(text: str) -> str:
     """A host or token reference on the command line: never empty (an empty one would
     name the list, not an item)."""
@@ -168,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_METRICS_LISTEN[0]}:{DEFAULT_METRICS_LISTEN[1]}; off: none)")
     s.add_argument("--audit-retention", type=duration, default=DEFAULT_AUDIT_RETENTION,
                    metavar="DURATION", help="how long audit entries are kept (default 90d)")
+    web_default = f"{DEFAULT_WEB_LISTEN[0]}:{DEFAULT_WEB_LISTEN[1]}"
+    s.add_argument("--web-listen", type=parse_web_listen, default=DEFAULT_WEB_LISTEN,
+                   metavar="HOST:PORT|off",
+                   help=f"address of the operators' web page (default {web_default}; off: none); "
+                        "plain HTTP only on a loopback address, elsewhere --web-cert and --web-key")
+    s.add_argument("--web-cert", type=Path, default=None, metavar="PEM",
+                   help="certificate (chain) for the web page's HTTPS, with --web-key")
+    s.add_argument("--web-key", type=Path, default=None, metavar="PEM",
+                   help="private key of --web-cert")
+    s.add_argument("--web-url", default="", metavar="URL",
+                   help="the web page's URL as browsers reach it, put in login URLs (default: "
+                        "from --web-listen; set it for a tunnel, a proxy or a DNS name)")
+    s.add_argument("--web-session-idle", type=duration, default=DEFAULT_WEB_SESSION_IDLE,
+                   metavar="DURATION", help="a web session unused this long ends (default 12h; "
+                                            "any session ends after 7d)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     t = sub.add_parser("token", help="join tokens: create, list, revoke")
@@ -199,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     sr = hsub.add_parser("set-role", help="override the role a host configured", parents=[shared])
     sr.add_argument("id", type=reference, help=HOST_REF)
     sr.add_argument("role", choices=wire.ROLES)
+    sub.add_parser("web-login", help="print a one-time URL (valid 60 s) that logs a browser in "
+                   "to the web page", parents=[shared])
+    w = sub.add_parser("web-sessions", help="the web page's sessions: list, revoke")
+    wsub = Subcommands(w.add_subparsers(dest="web_command", required=True, metavar="ACTION"))
+    wsub.add_parser("list", help="every web session: who made its login URL, its browser, its "
+                    "state", parents=[shared])
+    wr = wsub.add_parser("revoke", help="end a web session at once", parents=[shared])
+    wr.add_argument("id", type=reference, help="session id, or a unique prefix of it")
     sub.add_parser("status", help="the server's URL, CA pin and host counts", parents=[shared])
     au = sub.add_parser("audit", help="who enrolled, created, revoked, enabled, disabled, forgot "
                         "or set the role of what, and how it ended", parents=[shared])
@@ -239,7 +273,10 @@ def serve(args: argparse.Namespace) -> int:
         grace=args.grace, identity_cert_lifetime=lifetime, libvirt_cert_lifetime=lifetime,
         enroll_rate=args.enroll_rate, max_connections_per_address=args.max_connections_per_address,
         run_dir=args.run_dir, engine_group=args.engine_group, metrics_listen=args.metrics_listen,
-        audit_retention=args.audit_retention)
+        audit_retention=args.audit_retention, web_listen=args.web_listen, web_cert=args.web_cert,
+        web_key=args.web_key, web_url=args.web_url, web_session_idle=args.web_session_idle)
+    if web_problem(config):
+        return fail(web_problem(config))
     problem = unreachable_url_problem(config)
     if problem and not args.advertise_url:
         return fail(problem)  # a guess that is certainly wrong: refuse it
@@ -266,6 +303,8 @@ def run_admin(args: argparse.Namespace) -> int:
         return token_command(args, state)
     if args.command == "audit":
         return audit_command(args, state)
+    if args.command in ("web-login", "web-sessions"):
+        return web_command(args, state)
     return hosts_command(args, state)
 
 
@@ -296,6 +335,28 @@ def audit_command(args: argparse.Namespace, state: Path) -> int:
     print(table(["time", "actor", "action", "target", "outcome", "detail"], [
         (when(e["at"]), e["actor"], e["action"], e["target"], e["outcome"], e["detail"])
         for e in entries]))
+    return 0
+
+
+def web_command(args: argparse.Namespace, state: Path) -> int:
+    if args.command == "web-login":
+        data = admin_call(state, "POST", "/v1/web/logins")
+        print_json(data) if args.json else print(data["url"])
+        if not args.json:
+            print(f"# open it in a browser before {when(data['expires_at'])}: it works once",
+                  file=sys.stderr)
+        return 0
+    if args.web_command == "list":
+        sessions = admin_call(state, "GET", "/v1/web/sessions")
+        if args.json:
+            print_json(sessions)
+            return 0
+        print(table(["id", "made by", "started", "last used", "from", "state", "browser"], [
+            (s["id"], s["created_by"], when(s["created_at"]), ago(s["last_seen"]), s["address"],
+             s["state"], short(s["user_agent"], 40)) for s in sessions]))
+        return 0
+    session = admin_call(state, "POST", f"/v1/web/sessions/{quote(args.id, safe='')}/revoke")
+    print_json(session) if args.json else print(f"web session {session['id']} revoked")
     return 0
 
 
@@ -343,7 +404,7 @@ def hosts_command(args: argparse.Namespace, state: Path) -> int:
             return 0
         print(table(["id", "hostname", "role", "status", "last check-in", "detail"], [
             (h["id"], h["hostname"], h["role"], h["status"], ago(h["last_checkin"]),
-             _short(h["detail"])) for h in hosts]))
+             short(h["detail"])) for h in hosts]))
         return 0
     ref = quote(args.id, safe="")
     if action == "uri":
@@ -362,43 +423,6 @@ def hosts_command(args: argparse.Namespace, state: Path) -> int:
             return 0
     print_json(data) if args.json else print(render_host(data))
     return 0
-
-
-def describe_facts(name: str, result: dict[str, Any]) -> str:
-    """One line per collector, in words; a failed collector shows its error. Facts are
-    whatever the host sent: a shape this code does not expect is shown as such, and never
-    stops `hosts show`."""
-    try:
-        return _describe_facts(name, result)
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return _short(f"(facts in an unexpected shape) {json.dumps(result)}", 100)
-
-
-def _describe_facts(name: str, result: dict[str, Any]) -> str:
-    if not result.get("ok"):
-        return f"FAILED: {result.get('error')}"
-    d = result.get("data") or {}
-    if name == "host":
-        gib = 1024**3
-        return (f"{d.get('cpu_model') or 'unknown CPU'}, {d.get('cpu_cores')} cores / "
-                f"{d.get('cpu_threads')} threads, {d.get('memory_total', 0) / gib:.1f} GiB "
-                f"({d.get('memory_available', 0) / gib:.1f} available), load "
-                f"{' '.join(str(x) for x in d.get('load', []))}, {d.get('arch')}")
-    if name == "kvm":
-        if not d.get("usable"):
-            return f"NOT USABLE: {d.get('problem')}"
-        module = d.get("module") or "built in"
-        return f"usable ({module}, nested {'on' if d.get('nested') else 'off'})"
-    if name == "libvirtd":
-        pools = ", ".join(f"{p['name']} {p['available'] / 1024**3:.0f}/{p['capacity'] / 1024**3:.0f} GiB free"
-                          for p in d.get("storage_pools", [])) or "none"
-        return (f"libvirt {d.get('libvirt_version')}, QEMU {d.get('hypervisor_version')}, "
-                f"{d.get('arch')}, {d.get('running_domains')} running domain(s); pools: {pools}")
-    return _short(", ".join(f"{k}={v}" for k, v in sorted(d.items())), 100)
-
-
-def _short(text: str, width: int = 60) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 REPORT_FRESH = 30.0  # seconds: a report older than this says how old it is

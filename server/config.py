@@ -16,6 +16,8 @@ DEFAULT_STATE_DIR = Path("/var/lib/virtfleet-server")
 DEFAULT_PORT = 8443
 DEFAULT_RUN_DIR = Path("/run/virtfleet-server")
 DEFAULT_METRICS_LISTEN = ("127.0.0.1", 9464)  # Prometheus's registered port for exporters
+DEFAULT_WEB_LISTEN = ("127.0.0.1", 8444)
+DEFAULT_WEB_SESSION_IDLE = 12 * 3600.0
 
 
 @dataclass
@@ -34,6 +36,11 @@ class ServerConfig:
     engine_group: str = "virtfleet-engine"  # who may use them
     metrics_listen: tuple[str, int] | None = DEFAULT_METRICS_LISTEN  # None: no metrics
     audit_retention: float = DEFAULT_AUDIT_RETENTION  # seconds an audit entry is kept
+    web_listen: tuple[str, int] | None = DEFAULT_WEB_LISTEN  # None: no web page
+    web_cert: Path | None = None  # HTTPS for the web page, with web_key
+    web_key: Path | None = None
+    web_url: str = ""  # where browsers reach the page; derived from web_listen when empty
+    web_session_idle: float = DEFAULT_WEB_SESSION_IDLE
 
     @property
     def admin_socket(self) -> Path:
@@ -51,6 +58,20 @@ class ServerConfig:
         if ":" in host:
             host = f"[{host}]"
         return f"https://{host}:{self.listen_port}"
+
+    @functools.cached_property
+    def web_base_url(self) -> str:
+        """Where browsers reach the web page, as login URLs name it ("" when it is off)."""
+        if self.web_listen is None:
+            return ""
+        if self.web_url:
+            return self.web_url.rstrip("/")
+        host, port = self.web_listen
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if self.web_cert else 'http'}://{host}:{port}"
 
 
 def is_loopback(host: str) -> bool:
@@ -73,3 +94,20 @@ def unreachable_url_problem(config: ServerConfig) -> str:
     return (f"the join URL would be {config.url}, which names this machine's loopback: "
             "hosts elsewhere cannot reach it. Set the URL they use, e.g. "
             f"--advertise-url https://{socket.gethostname()}.example.org:{config.listen_port}")
+
+
+def web_problem(config: ServerConfig) -> str:
+    """Why the web page cannot start as configured, or "". Plain HTTP only on loopback:
+    elsewhere its session cookie and login URLs would cross the network in clear."""
+    if config.web_listen is None:
+        return ""
+    if (config.web_cert is None) != (config.web_key is None):
+        return "--web-cert and --web-key go together: give both for HTTPS, or neither"
+    host, port = config.web_listen
+    if config.web_cert is None and not is_loopback(host):
+        return (f"--web-listen {host}:{port} is not a loopback address, and the web page "
+                "serves plain HTTP only on loopback: give --web-cert and --web-key for HTTPS, "
+                f"or listen on 127.0.0.1:{port} and reach it through an SSH tunnel")
+    if config.web_url and urlsplit(config.web_url).scheme not in ("http", "https"):
+        return f"--web-url {config.web_url!r}: give an http:// or https:// URL"
+    return ""

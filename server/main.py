@@ -32,6 +32,7 @@ from server.doors import admin_api, agent_api, engine_api, metrics
 from server.doors.engine_api import host_record
 from server.doors.gateway import Gateway
 from server.doors.guard import HANDSHAKE_TIMEOUT, ConnectionGuard, OncePer, raise_file_limit
+from server.doors.web import WebDoor, create_web_app
 from server.fleet import Fleet, retire_previous_libvirt_cert
 from server.hosts import HostStatus
 from server.links.direct import Stream, dial
@@ -42,6 +43,7 @@ from server.model import AdminState, Connection, Host, LinkState
 from server.store import CHECKIN_FLUSH, Store, StoreError, open_store
 from server.tls import ensure_server_cert, limit_tls_buffers, server_context, server_names
 from server.tokens import TokenSigner, load_or_create_signing_key
+from server.websessions import WebSessions
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class Parts:
     events: HostEvents
     registry: CollectorRegistry
     instruments: metrics.Instruments
+    sessions: WebSessions
 
     def close(self) -> None:
         self.opener.stop()
@@ -153,8 +156,9 @@ def build(config: ServerConfig) -> Parts:
     fleet = Fleet(config, store, identity_ca, libvirt_ca, signer, status, events, states, CLIENT_DN,
                   Audit(store))
     registry = metrics.registry_with_process()
+    sessions = WebSessions(store, fleet.audit, config.web_base_url, config.web_session_idle)
     return Parts(config, store, fleet, status, links, opener, gateway, changes, events, registry,
-                 metrics.Instruments(registry))
+                 metrics.Instruments(registry), sessions)
 
 
 def metrics_state(parts: Parts, guard: ConnectionGuard) -> metrics.State:
@@ -290,10 +294,13 @@ async def serve(config: ServerConfig) -> int:
     agent_runner = web.AppRunner(agent_api.create_app(parts.fleet, parts.instruments),
                                  access_log=None)
     admin_runner = web.AppRunner(admin_api.create_admin_app(parts.fleet, parts.links,
-                                                            parts.gateway), access_log=None)
+                                                            parts.gateway, parts.sessions),
+                                 access_log=None)
     engine_runner = web.AppRunner(engine_api.create_engine_app(parts.changes), access_log=None)
     metrics_runner = web.AppRunner(metrics.create_metrics_app(parts.registry, metrics_state(
         parts, guard)), access_log=None)
+    web_door = WebDoor(config, create_web_app(parts.fleet, parts.links, parts.gateway,
+                                              parts.changes, parts.sessions))
     supervisor = Supervisor()
     loops = Loops(parts, supervisor)
     await agent_runner.setup()
@@ -323,6 +330,7 @@ async def serve(config: ServerConfig) -> int:
                                       parts.gateway.gid)
         if config.metrics_listen is not None:
             await web.TCPSite(metrics_runner, *config.metrics_listen).start()
+        await web_door.start()
         log.info("virtfleet-server listening on %s:%d (join URL %s), admin socket %s, metrics %s; "
                  "up to %d open files", config.listen_host, config.listen_port, config.url,
                  config.admin_socket, metrics_url(config), files)
@@ -335,6 +343,7 @@ async def serve(config: ServerConfig) -> int:
         if listener is not None:
             listener.close()
         await parts.gateway.stop()
+        await web_door.stop()
         await metrics_runner.cleanup()
         await engine_runner.cleanup()
         parts.gateway.remove_run_dir()

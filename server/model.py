@@ -146,13 +146,16 @@ class Host:
 
 @dataclass(frozen=True)
 class HostSummary:
-    """What a list of every host needs (metrics): no report, no certificates."""
+    """What a list of every host needs (metrics, the web page's table): no report, no
+    certificates."""
 
     id: str
     hostname: str
     status: str
     role: str
     last_checkin: float | None
+    admin_state: str
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -174,3 +177,28 @@ class HistoryEntry:
     detail: str
     tries: int = 1  # the same status and reason seen again (a retry loop) counts here
     last_at: float | None = None
+
+
+@dataclass(frozen=True)
+class WebLogin:
+    """A one-time login URL for the web page; only its secret's digest is kept."""
+
+    digest: str
+    created_by: str  # the admin socket's peer who asked for it: "root (uid 0)"
+    created_at: float
+    expires_at: float
+    used_at: float | None = None
+
+
+@dataclass(frozen=True)
+class WebSession:
+    """A browser logged in to the web page; only its cookie's digest is kept."""
+
+    id: str  # public: named in lists, the audit log and `web-sessions revoke`
+    digest: str
+    created_by: str  # who made the login URL it came from
+    created_at: float
+    last_seen: float
+    address: str  # the browser's, at login
+    user_agent: str
+    revoked_at: float | None = None

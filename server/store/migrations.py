@@ -105,4 +105,25 @@ SQLITE_MIGRATIONS = [
     CREATE INDEX audit_at ON audit(at);
     CREATE INDEX audit_host ON audit(host_id, at);
     """,
+    # 8: the web page's one-time login URLs and its sessions (server/websessions.py), each
+    # by its secret's SHA-256: the database never holds a secret a browser presents.
+    """
+    CREATE TABLE web_logins (
+        digest TEXT PRIMARY KEY,
+        created_by TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        used_at REAL
+    );
+    CREATE TABLE web_sessions (
+        id TEXT PRIMARY KEY,
+        digest TEXT NOT NULL UNIQUE,
+        created_by TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        address TEXT NOT NULL DEFAULT '',
+        user_agent TEXT NOT NULL DEFAULT '',
+        revoked_at REAL
+    );
+    """,
 ]

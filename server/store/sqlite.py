@@ -15,7 +15,16 @@ from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any
 
-from server.model import AuditEntry, HistoryEntry, Host, HostSummary, Status, Token
+from server.model import (
+    AuditEntry,
+    HistoryEntry,
+    Host,
+    HostSummary,
+    Status,
+    Token,
+    WebLogin,
+    WebSession,
+)
 from server.store import DEFAULT_AUDIT_RETENTION, StatusChange, StoreError, StoreUnavailable
 from server.store.migrations import SQLITE_MIGRATIONS
 
@@ -26,10 +35,13 @@ SWEEP_SQL = ("SELECT id FROM hosts WHERE admin_state='enabled' AND CASE WHEN sta
              "THEN COALESCE(last_checkin, enrolled_at) >= ? "
              "ELSE MAX(COALESCE(last_checkin, enrolled_at), ?) < ? END")
 COUNTS_SQL = "SELECT status, COUNT(*) FROM hosts GROUP BY status"
-SUMMARY_SQL = ("SELECT id, hostname, status, COALESCE(role_override, configured_role), last_checkin "
-               "FROM hosts ORDER BY hostname, id")
+SUMMARY_SQL = ("SELECT id, hostname, status, COALESCE(role_override, configured_role), last_checkin, "
+               "admin_state, detail FROM hosts ORDER BY hostname, id")
 
 _AUDIT_COLUMNS = ", ".join(f.name for f in fields(AuditEntry))
+_LOGIN_COLUMNS = ", ".join(f.name for f in fields(WebLogin))
+_SESSION_COLUMNS = ", ".join(f.name for f in fields(WebSession))
+WEB_KEEP = 30 * 86400.0  # sessions (and login URLs) are listed this long after they start
 CHECKIN_BATCH = 2000  # queued check-ins that are written at once, whatever the time
 HISTORY_KEEP = 200  # rows kept per host: the oldest go first
 # A host whose status keeps changing (a flood of new error texts) gets at most
@@ -380,16 +392,65 @@ class SqliteStore:
                                "ORDER BY seq DESC LIMIT ?", args).fetchall()
         return [AuditEntry(*r) for r in reversed(rows)]
 
+    # -- the web page ------------------------------------------------------
+
+    def add_web_login(self, login: WebLogin) -> None:
+        with self.transaction() as db:
+            db.execute(f"INSERT INTO web_logins ({_LOGIN_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                       astuple(login))
+
+    def get_web_login(self, digest: str) -> WebLogin | None:
+        row = self.db.execute(f"SELECT {_LOGIN_COLUMNS} FROM web_logins WHERE digest=?",
+                              (digest,)).fetchone()
+        return WebLogin(*row) if row else None
+
+    def start_web_session(self, login_digest: str, session: WebSession, now: float) -> bool:
+        """Spend the login URL and add its session, in one transaction: as with a single-use
+        join token, of two browsers opening the same URL at once exactly one gets in."""
+        with self.transaction() as db:
+            spent = db.execute("UPDATE web_logins SET used_at=? WHERE digest=? AND used_at IS NULL "
+                               "AND expires_at > ?", (now, login_digest, now)).rowcount
+            if spent:
+                db.execute(f"INSERT INTO web_sessions ({_SESSION_COLUMNS}) VALUES "
+                           "(?, ?, ?, ?, ?, ?, ?, ?)", astuple(session))
+        return bool(spent)
+
+    def web_session(self, digest: str) -> WebSession | None:
+        row = self.db.execute(f"SELECT {_SESSION_COLUMNS} FROM web_sessions WHERE digest=?",
+                              (digest,)).fetchone()
+        return WebSession(*row) if row else None
+
+    def web_sessions(self) -> list[WebSession]:
+        rows = self.db.execute(f"SELECT {_SESSION_COLUMNS} FROM web_sessions "
+                               "ORDER BY created_at").fetchall()
+        return [WebSession(*r) for r in rows]
+
+    def touch_web_session(self, session_id: str, now: float) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE web_sessions SET last_seen=? WHERE id=?", (now, session_id))
+
+    def revoke_web_session(self, session_id: str, now: float) -> WebSession | None:
+        with self.transaction() as db:
+            db.execute("UPDATE web_sessions SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
+                       (now, session_id))
+        row = self.db.execute(f"SELECT {_SESSION_COLUMNS} FROM web_sessions WHERE id=?",
+                              (session_id,)).fetchone()
+        return WebSession(*row) if row else None
+
     def prune(self, now: float, audit_retention: float = DEFAULT_AUDIT_RETENTION) -> int:
         """Forget what can matter no more: libvirtd certificates expired a day ago, tokens
         that expired a month ago and no known host joined with, audit entries older than
-        `audit_retention` seconds. Returns rows gone."""
+        `audit_retention` seconds, web sessions and login URLs made WEB_KEEP ago (long
+        expired). Returns rows gone."""
         with self.transaction() as db:
             gone = db.execute("DELETE FROM libvirt_certs WHERE not_after < ?",
                               (now - 86400,)).rowcount
             gone += db.execute("DELETE FROM tokens WHERE expires_at < ? AND jti NOT IN "
                                "(SELECT token_jti FROM hosts)", (now - 30 * 86400,)).rowcount
             gone += db.execute("DELETE FROM audit WHERE at < ?", (now - audit_retention,)).rowcount
+            for table in ("web_sessions", "web_logins"):
+                gone += db.execute(f"DELETE FROM {table} WHERE created_at < ?",
+                                   (now - WEB_KEEP,)).rowcount
         return int(gone)
 
 
