@@ -272,9 +272,11 @@ class Server:
         self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
         metrics = () if "--metrics-listen" in extra else (
             "--metrics-listen", self.metrics_url.split("/")[2])
+        # And its own web page port (or the one the test chose).
+        web = () if "--web-listen" in extra else ("--web-listen", f"127.0.0.1:{free_port()}")
         self.proc = Proc([str(VENV_BIN / "virtfleet-server"), "--state-dir", str(state), "serve",
                           "--listen", f"{host}:{port}", "--run-dir", str(self.run_dir), *metrics,
-                          *extra],
+                          *web, *extra],
                          state.parent / f"{state.name}.log", netns=netns)
 
     def start(self) -> Server:

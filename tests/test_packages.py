@@ -27,6 +27,7 @@ from agent.cli import build_parser as agent_parser
 from common.logs import MESSAGE_IDS
 from server.cli import build_parser as server_parser
 from tests.harness import ROOT, Libvirtd, Proc, free_port, wait_for
+from tests.test_web import Client
 
 PACKAGES = ("virtfleet-agent", "virtfleet-server")
 UNITS = Path("/lib/systemd/system")
@@ -149,16 +150,25 @@ class Journald:
         self.proc.stop()
 
 
+# man-db keeps each page it formats here, current while the page is no newer: every build
+# of one version stamps its pages with the changelog's date, so a page cached from an
+# earlier build would be shown in place of the one just installed.
+MAN_CACHE = Path("/var/cache/man/cat8")
+
+
 @pytest.fixture
 def clean_machine() -> Iterator[None]:
-    """No virtfleet package before the test, none after it, whatever happens between."""
+    """No virtfleet package (nor its cached man page) before the test, none after it,
+    whatever happens between."""
     for package in PACKAGES:
         if installed(package):
             subprocess.run(["dpkg", "--purge", package], capture_output=True, check=True)
+        (MAN_CACHE / f"{package}.8.gz").unlink(missing_ok=True)
     yield
     for package in PACKAGES:
         if installed(package):
             subprocess.run(["dpkg", "--purge", package], capture_output=True)
+        (MAN_CACHE / f"{package}.8.gz").unlink(missing_ok=True)
 
 
 def test_packages_build_install_run_remove_and_purge(tmp_path: Path, clean_machine: None) -> None:
@@ -284,9 +294,10 @@ def check_manuals_and_completion() -> None:
 
 
 def run_installed(journal: Journald, libvirtd: Libvirtd, tmp_path: Path) -> None:
-    port = free_port()
+    port, web_port = free_port(), free_port()
     server, server_notify = journal.service("virtfleet-server.service", tmp_path / "server.log",
                                             "--listen", f"127.0.0.1:{port}",
+                                            "--web-listen", f"127.0.0.1:{web_port}",
                                             "--checkin-interval", "1")
     wait_for(lambda: server_notify.said("READY=1") or not server.alive(), 30,
              "the server's READY=1")
@@ -315,6 +326,11 @@ def run_installed(journal: Journald, libvirtd: Libvirtd, tmp_path: Path) -> None
         assert grp.getgrgid(path.stat().st_gid).gr_name == "virtfleet-engine", path
         assert path.stat().st_mode & 0o777 == 0o660, path
     assert token not in config.read_text(), "the spent join string is still in agent.toml"
+    # The web page, from the installed templates.
+    page = Client(f"http://127.0.0.1:{web_port}")
+    page.login(subprocess.run(["/usr/bin/virtfleet-server", "web-login"], check=True,
+                              capture_output=True, text=True).stdout.strip())
+    assert "pkg-host" in page.get("/hosts").text and page.get("/static/web.js").status == 200
 
     wait_for(lambda: agent_notify.said("READY=1"), 10, "the agent's READY=1")
     wait_for(lambda: agent_notify.said("STATUS=online as pkg-host"), 10, "the agent's STATUS")

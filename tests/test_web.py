@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from server.audit import Audit
+from server.fleet import Refused
 from server.store.sqlite import SqliteStore
 from server.websessions import LOGIN_TTL, LoginRefused, WebSessions
 from tests.conftest import FAST
@@ -133,6 +134,8 @@ def test_a_login_url_works_once_for_60_s_and_a_session_ends_idle_or_revoked(tmp_
                            idle=3600.0, clock=lambda: clock[0])
     url, expires = sessions.create_login(ROOT_ACTOR)
     assert expires == 1000.0 + LOGIN_TTL
+    with pytest.raises(Refused, match="web page is off"):
+        WebSessions(store, Audit(store), "").create_login(ROOT_ACTOR)
     secret = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["token"][0]
     clock[0] += LOGIN_TTL + 1
     with pytest.raises(LoginRefused, match="expired"):
