@@ -12,7 +12,9 @@ import asyncio
 import datetime as dt
 import enum
 import logging
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ from agent.local_libvirt import LocalLibvirt
 from agent.report import build_report
 from agent.state import Enrollment, State
 from common import wire
+from common.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,19 @@ UNKNOWN_HOST = "unknown_host"  # server/fleet.py: no host holds this certificate
 
 def clamp_interval(seconds: float) -> float:
     return min(max(seconds, MIN_INTERVAL), MAX_INTERVAL)
+
+
+def retry_delay(backoff: Backoff, error: ServerError, window: float,
+                rand: Callable[[], float] = random.random) -> float:
+    """How long to wait after a failed check-in. One that got no answer at all (nothing
+    listening, a restart, a timeout) comes again at a random moment of the server's
+    reconnect window (from its last answer), so a crowd of agents cut off together comes
+    back spread at the pace the server can take. An answer (429, 5xx): the jittered
+    backoff, at least what its Retry-After said."""
+    if error.status is None and window > 0:
+        backoff.failures += 1  # a later answer's backoff starts where this left off
+        return rand() * min(window, MAX_INTERVAL)
+    return backoff.next_delay(error.retry_after)
 
 
 class Verdict(enum.Enum):

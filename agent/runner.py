@@ -24,7 +24,16 @@ from typing import Any
 
 from agent import collectors
 from agent.certs import CertManager, renewal_time
-from agent.checkin import Acked, Outcome, StatusBook, Verdict, check_in, clamp_interval, follow_server
+from agent.checkin import (
+    Acked,
+    Outcome,
+    StatusBook,
+    Verdict,
+    check_in,
+    clamp_interval,
+    follow_server,
+    retry_delay,
+)
 from agent.client import ServerClient
 from agent.config import AgentConfig
 from agent.local_libvirt import LocalLibvirt
@@ -88,6 +97,7 @@ class Runner:
         self._move_tried = -MOVE_RETRY  # monotonic time of the last try at a new server URL
         self.sent_facts: Any = None  # the /sys facts, as the server last heard them
         self.acked: Acked | None = None  # the report the server last acknowledged
+        self.reconnect_window = 0.0  # the server's, from its last answer
         # The last interval the server gave (clamped), by this process or an earlier one.
         interval = self.book.last.get("interval")
         self._interval = clamp_interval(interval) if isinstance(interval, (int, float)) \
@@ -174,6 +184,7 @@ class Runner:
         if answer.renew:
             self.certs.request()  # in its own task: this check-in is done
         self._interval = clamp_interval(answer.checkin_interval)
+        self.reconnect_window = answer.reconnect_window
         return self._interval
 
     def _failed(self, outcome: Outcome) -> float | None:
@@ -193,7 +204,7 @@ class Runner:
             notify.status(f"refused by the server: {outcome.message}")
             return self._interval if outcome.verdict is Verdict.ROLE_REFUSED else REFUSED_WAIT
         assert outcome.error is not None
-        delay = self.backoff.next_delay(outcome.error.retry_after)
+        delay = retry_delay(self.backoff, outcome.error, self.reconnect_window)
         log.warning("check-in failed (%s); retrying in %.1f s", outcome.message, delay)
         notify.status(f"cannot check in with {self.enrollment.server_url}: {outcome.message}; "
                       f"next try at {_clock(time.time() + delay)}, last success "

@@ -7,7 +7,8 @@ CheckinRequest around a report built once by the agent's real collectors,
 bench/report.py) first, every REPORT_REFRESH seconds and whenever the server asks for it,
 a heartbeat with the server's digest of it otherwise; after a failure it waits the
 agent's jittered backoff (1 s doubling to 60 s, at least what a Retry-After says), 300 s
-when its identity is refused, with the agent's timeouts. `--full-reports`: every
+when its identity is refused, with the agent's timeouts, and after a connection that
+got no answer at a random moment of the server's reconnect window. `--full-reports`: every
 check-in carries the report, as agents of protocol 2 and older do.
 
 What it skips is the agent's HTTP client machinery: the request bytes are built once per
@@ -39,7 +40,8 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from agent.checkin import REPORT_REFRESH
+from agent.checkin import REPORT_REFRESH, retry_delay
+from agent.client import ServerError
 from agent.state import client_context
 from bench.report import simulated_report
 from common import wire
@@ -179,6 +181,7 @@ class Host:
         self.i, self.url, self.ctx, self.report, self.heartbeats = i, url, ctx, report, heartbeats
         self.heartbeat: bytes | None = None  # with the digest of the last report acknowledged
         self.reported_at = 0.0
+        self.window = 0.0  # the server's reconnect window, from its last answer
         self.key = f"sim-{i}"  # its moment in an interval, as the server's for a host id
         parts = urlsplit(url)
         self.address, self.port = parts.hostname or "", parts.port or 443
@@ -210,6 +213,7 @@ class Host:
             self.conn.close()  # the agent's client, too, drops a connection that failed
             raise
         answer: dict[str, object] = json.loads(body)
+        self.window = float(answer.get("reconnect_window") or 0)  # type: ignore[arg-type]
         if data is self.report and self.heartbeats and answer.get("report_digest"):
             self.heartbeat = heartbeat_request(self.url, str(answer["report_digest"]))
             self.reported_at = time.monotonic()
@@ -228,7 +232,7 @@ class Host:
                 delay = REFUSED_WAIT if exc.status in (401, 403) else backoff.next_delay(exc.retry_after)
             except (TimeoutError, OSError, ValueError, KeyError) as exc:
                 stats.errors[error_kind(exc)] += 1
-                delay = backoff.next_delay()
+                delay = retry_delay(backoff, ServerError(str(exc)), self.window)
             else:
                 stats.latencies.append((time.perf_counter() - started) * 1000)
                 stats.last_ok[self.i] = time.time()

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 # 2: check-in answers carry `server_urls`.
 # 3: a check-in is a heartbeat (`report_digest` only) unless the report changed; answers
 #    carry `report_digest` and `send_report`.
-PROTOCOL_VERSION = 3
+# 4: answers carry `reconnect_window`.
+PROTOCOL_VERSION = 4
 OLDEST_PROTOCOL = 1  # the oldest agents this server still serves
 
 CA_PATH = "/v1/ca"
@@ -275,11 +276,16 @@ class CheckinResponse:
     # The heartbeat's digest is not the server's (a restart lost a write, another
     # server): send the full report now.
     send_report: bool = False
+    # When a connection to the server fails before any answer (it restarts, it is
+    # down), try again at a random moment within this many seconds: about the time the
+    # server needs to shake hands with every host, so a crowd cut off together comes
+    # back at the pace it can take instead of all at once.
+    reconnect_window: float = 0.0
 
 
 # The check-in answer's fields each protocol added: an agent is sent those it knows
 # (agents of protocol 1 refuse a field they do not know).
-ADDED_IN = {"server_urls": 2, "report_digest": 3, "send_report": 3}
+ADDED_IN = {"server_urls": 2, "report_digest": 3, "send_report": 3, "reconnect_window": 4}
 
 
 def answer_for(protocol: int, answer: dict[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,13 @@ HOST_ORG = "virtfleet-host"
 # renews once a month or when it moves; anything far beyond is a loop or an attack.
 CHECKIN_RATE, CHECKIN_BURST = 2.0, 20.0
 RENEW_RATE, RENEW_BURST = 1 / 600, 3.0
+# TLS handshakes (with each agent's first check-in) a server takes per second when every
+# host reconnects at once: about 400 on 2 cores shared with the load (bench/README.md).
+# Agents cut off by a restart spread their reconnects over hosts / this, so 10,000 come
+# back in about 25 s with no try timing out; all at once, they took a minute and
+# thousands of tries timed out half done.
+HANDSHAKES_PER_SECOND = 400.0
+MIN_RECONNECT_WINDOW = 2.0
 
 
 class Refused(Exception):
@@ -89,6 +96,7 @@ class Fleet:
         self.link_states = link_states
         self.libvirt_client_dn = libvirt_client_dn
         self.audit = audit
+        self.reconnect_window = MIN_RECONNECT_WINDOW
         self._checkins = RateLimiter(CHECKIN_RATE, CHECKIN_BURST)
         self._renewals = RateLimiter(RENEW_RATE, RENEW_BURST)
 
@@ -291,7 +299,12 @@ class Fleet:
             # The host moved: its libvirtd certificate no longer names the address we dial.
             renew=host.libvirt_cert_address not in (None, address),
             server_urls=[self.config.url], report_digest=host.report_digest,
-            send_report=send_report)
+            send_report=send_report, reconnect_window=self.reconnect_window)
+
+    def note_host_count(self, hosts: int) -> None:
+        """How many hosts would reconnect after a restart (the sweep tells, every second):
+        the reconnect window is the time their handshakes take."""
+        self.reconnect_window = max(MIN_RECONNECT_WINDOW, hosts / HANDSHAKES_PER_SECOND)
 
     def public_detail(self, host: Host) -> str:
         """The status detail as the host itself may read it. Why the server cannot open

@@ -230,7 +230,9 @@ class Loops:
             try:
                 await self.parts.status.sweep()
                 self.swept_at = time.monotonic()
-                summary = status_line(self.parts.config.url, self.parts.store.status_counts())
+                counts = self.parts.store.status_counts()
+                self.parts.fleet.note_host_count(sum(counts.values()))
+                summary = status_line(self.parts.config.url, counts)
                 if summary != shown:
                     notify.status(summary)
                     shown = summary

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.checkin import retry_delay
+from agent.client import ServerError
 from bench.report import simulated_report
 from common import pki, wire
+from common.backoff import Backoff
 from server.config import ServerConfig
-from server.fleet import Fleet
+from server.fleet import HANDSHAKES_PER_SECOND, MIN_RECONNECT_WINDOW, Fleet
 from server.main import Parts, build
 from server.model import Host, Status
 from tests.harness import Agent, Libvirtd, Server, wait_for
@@ -108,7 +111,8 @@ def test_a_heartbeat_after_silence_brings_the_host_back_from_offline(parts: Part
 
 @pytest.mark.parametrize("protocol, fields", [
     (1, set()), (2, {"server_urls"}),
-    (3, {"server_urls", "report_digest", "send_report"})])
+    (3, {"server_urls", "report_digest", "send_report"}),
+    (4, {"server_urls", "report_digest", "send_report", "reconnect_window"})])
 def test_an_agent_is_answered_only_in_fields_its_protocol_knows(parts: Parts, protocol: int,
                                                                 fields: set[str]) -> None:
     serial, report = enrolled(parts.fleet)
@@ -117,6 +121,32 @@ def test_an_agent_is_answered_only_in_fields_its_protocol_knows(parts: Parts, pr
     sent = set(wire.answer_for(protocol, answer))
     assert sent & set(wire.ADDED_IN) == fields
     assert {"host_id", "status", "detail", "checkin_interval"} <= sent
+
+
+def test_the_reconnect_window_is_the_time_every_hosts_handshake_takes(parts: Parts) -> None:
+    serial, report = enrolled(parts.fleet)
+
+    def window() -> float:
+        return parts.fleet.checkin(lookup(parts, serial), wire.CheckinRequest(report=report),
+                                   ADDRESS).reconnect_window
+
+    parts.fleet.note_host_count(1)
+    assert window() == MIN_RECONNECT_WINDOW
+    parts.fleet.note_host_count(10_000)
+    assert window() == 10_000 / HANDSHAKES_PER_SECOND
+
+
+def test_a_check_in_with_no_answer_retries_within_the_window_and_an_answer_backs_off() -> None:
+    backoff = Backoff(base=1.0, cap=60.0, rand=lambda: 1.0)
+    no_answer = ServerError("connection refused")
+    assert retry_delay(backoff, no_answer, 25.0, rand=lambda: 0.5) == 12.5
+    assert retry_delay(backoff, no_answer, 25.0, rand=lambda: 0.99) == pytest.approx(24.75)
+    assert retry_delay(backoff, no_answer, 10_000.0, rand=lambda: 1.0) == 300.0  # clamped
+    # An answer is no crowd to spread: the backoff, grown by the failures before it.
+    assert retry_delay(backoff, ServerError("busy", status=503), 25.0) == 8.0
+    assert retry_delay(backoff, ServerError("slow down", status=429, retry_after=30), 25.0) == 30
+    # A server that never said (older, or not yet answered): the backoff.
+    assert retry_delay(Backoff(rand=lambda: 1.0), no_answer, 0.0) == 1.0
 
 
 # -- the real agent and server ------------------------------------------------------
