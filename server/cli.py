@@ -288,6 +288,14 @@ def serve(args: argparse.Namespace) -> int:
         return fail(f"cannot start: {exc}")
 
 
+def print_listing(as_json: bool, items: Any, headers: list[str], rows: list[Any]) -> None:
+    """A listing as JSON (what the server sent) or as a table for people."""
+    if as_json:
+        print_json(items)
+    else:
+        print(table(headers, rows))
+
+
 def run_admin(args: argparse.Namespace) -> int:
     state = args.state_dir
     if args.command == "status":
@@ -329,12 +337,9 @@ def audit_command(args: argparse.Namespace, state: Path) -> int:
     since = args.since if args.since is not None else time.time() - AUDIT_DEFAULT_SPAN
     query = f"since={since:.3f}" + (f"&host={quote(args.host, safe='')}" if args.host else "")
     entries = admin_call(state, "GET", f"/v1/audit?{query}")
-    if args.json:
-        print_json(entries)
-        return 0
-    print(table(["time", "actor", "action", "target", "outcome", "detail"], [
+    print_listing(args.json, entries, ["time", "actor", "action", "target", "outcome", "detail"], [
         (when(e["at"]), e["actor"], e["action"], e["target"], e["outcome"], e["detail"])
-        for e in entries]))
+        for e in entries])
     return 0
 
 
@@ -348,12 +353,10 @@ def web_command(args: argparse.Namespace, state: Path) -> int:
         return 0
     if args.web_command == "list":
         sessions = admin_call(state, "GET", "/v1/web/sessions")
-        if args.json:
-            print_json(sessions)
-            return 0
-        print(table(["id", "made by", "started", "last used", "from", "state", "browser"], [
+        headers = ["id", "made by", "started", "last used", "from", "state", "browser"]
+        print_listing(args.json, sessions, headers, [
             (s["id"], s["created_by"], when(s["created_at"]), ago(s["last_seen"]), s["address"],
-             s["state"], short(s["user_agent"], 40)) for s in sessions]))
+             s["state"], short(s["user_agent"], 40)) for s in sessions])
         return 0
     session = admin_call(state, "POST", f"/v1/web/sessions/{quote(args.id, safe='')}/revoke")
     print_json(session) if args.json else print(f"web session {session['id']} revoked")
@@ -383,12 +386,9 @@ def token_command(args: argparse.Namespace, state: Path) -> int:
         return 0
     if args.token_command == "list":
         tokens = admin_call(state, "GET", "/v1/tokens")
-        if args.json:
-            print_json(tokens)
-            return 0
-        print(table(["id", "role", "uses", "state", "expires", "hosts", "description"], [
+        print_listing(args.json, tokens, ["id", "role", "uses", "state", "expires", "hosts", "description"], [
             (t["id"], t["role"], f"{t['uses']}/{t['max_uses']}", t["state"], when(t["expires_at"]),
-             ", ".join(t["hosts"]) or "-", t["description"]) for t in tokens]))
+             ", ".join(t["hosts"]) or "-", t["description"]) for t in tokens])
         return 0
     tok = admin_call(state, "POST", f"/v1/tokens/{quote(args.id, safe='')}/revoke")
     print_json(tok) if args.json else print(f"token {tok['id']} revoked")
@@ -399,12 +399,9 @@ def hosts_command(args: argparse.Namespace, state: Path) -> int:
     action = args.hosts_command
     if action == "list":
         hosts = admin_call(state, "GET", "/v1/hosts")
-        if args.json:
-            print_json(hosts)
-            return 0
-        print(table(["id", "hostname", "role", "status", "last check-in", "detail"], [
+        print_listing(args.json, hosts, ["id", "hostname", "role", "status", "last check-in", "detail"], [
             (h["id"], h["hostname"], h["role"], h["status"], ago(h["last_checkin"]),
-             short(h["detail"])) for h in hosts]))
+             short(h["detail"])) for h in hosts])
         return 0
     ref = quote(args.id, safe="")
     if action == "uri":

@@ -179,25 +179,10 @@ def test_packages_build_install_run_remove_and_purge(tmp_path: Path, clean_machi
 
     libvirtd = Libvirtd(tmp_path / "libvirtd", free_port())
     libvirtd.start()  # before the listing: the test libvirtd makes its mount points
-    before = file_listing()
-    apt_get("install", "--no-install-recommends", *sorted(str(p) for p in debs.glob("*.deb")))
-
-    assert (Path("/etc/virtfleet/agent.toml").stat().st_mode & 0o777) == 0o600
-    for state in (AGENT_STATE, SERVER_STATE):
-        assert (state.stat().st_mode & 0o777) == 0o700, f"{state} is not private"
-    assert SERVER_STATE.owner() == "_virtfleet"
-    for module in ("agent", "server", "common"):
-        assert not list(Path("/usr/lib/python3/dist-packages").glob(f"{module}/*.py")), \
-            f"{module} went into the global dist-packages"
-
-    check_units()
-    check_manuals_and_completion()
-    journal = Journald(tmp_path / "journald.log")
     try:
-        run_installed(journal, libvirtd, tmp_path)
+        before = install_and_run(libvirtd, tmp_path, debs)
     finally:
-        journal.stop()
-        libvirtd.stop()
+        libvirtd.stop()  # also when the install or a check failed before it ran
 
     apt_get("remove", *PACKAGES)
     assert not Path("/usr/bin/virtfleet-agent").exists()
@@ -291,6 +276,29 @@ def check_manuals_and_completion() -> None:
                 offered[parent] = completions(parent)
             assert path[-1] in offered[parent], f"completing `{parent}` offers {offered[parent]}"
             assert completions(f"{program} {name} --") == {o for o in options if o[:2] == "--"}
+
+
+def install_and_run(libvirtd: Libvirtd, tmp_path: Path, debs: Path) -> set[str]:
+    """Install the .debs and run them as their units do; the file listing before."""
+    before = file_listing()
+    apt_get("install", "--no-install-recommends", *sorted(str(p) for p in debs.glob("*.deb")))
+
+    assert (Path("/etc/virtfleet/agent.toml").stat().st_mode & 0o777) == 0o600
+    for state in (AGENT_STATE, SERVER_STATE):
+        assert (state.stat().st_mode & 0o777) == 0o700, f"{state} is not private"
+    assert SERVER_STATE.owner() == "_virtfleet"
+    for module in ("agent", "server", "common"):
+        assert not list(Path("/usr/lib/python3/dist-packages").glob(f"{module}/*.py")), \
+            f"{module} went into the global dist-packages"
+
+    check_units()
+    check_manuals_and_completion()
+    journal = Journald(tmp_path / "journald.log")
+    try:
+        run_installed(journal, libvirtd, tmp_path)
+    finally:
+        journal.stop()
+    return before
 
 
 def run_installed(journal: Journald, libvirtd: Libvirtd, tmp_path: Path) -> None:
