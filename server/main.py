@@ -149,7 +149,7 @@ def build(config: ServerConfig) -> Parts:
     changes = ChangeLog()
     feed = EngineFeed(changes, gateway.uri, states)
     status = HostStatus(store, config.grace, states, on_change=feed.publish)
-    opener = LibvirtOpener(ctx)
+    opener = LibvirtOpener(ctx, config.run_dir / "links")
     links = LinkManager(opener, store.get_host, states, on_change=status.refresh,
                         on_served=functools.partial(retire_previous_libvirt_cert, store))
     events = HostEvents(store, links, gateway, feed)
@@ -348,11 +348,11 @@ async def serve(config: ServerConfig) -> int:
         await web_door.stop()
         await metrics_runner.cleanup()
         await engine_runner.cleanup()
-        parts.gateway.remove_run_dir()
         await admin_runner.cleanup()
         await agent_runner.cleanup()
         await parts.links.stop()
         parts.close()
+        parts.gateway.remove_run_dir()  # emptied by the parts above
     return 1 if failed else 0
 
 

@@ -168,6 +168,16 @@ def test_disable_cuts_every_relayed_connection_and_forget_removes_the_socket(
         conn.close()
 
 
+def test_the_servers_run_dir_is_private_where_it_must_be_and_gone_when_it_stops(
+        online: tuple[Server, str, Libvirtd]) -> None:
+    server, host_id, _ = online
+    # The sockets libvirt is handed for the server's own links reach a host as the server.
+    assert (server.run_dir / "links").stat().st_mode & 0o777 == 0o700
+    assert (server.run_dir / "hosts" / f"{host_id}.sock").exists()
+    assert server.proc.stop() == 0
+    assert not server.run_dir.exists()
+
+
 def test_only_the_engine_group_may_use_the_sockets(online: tuple[Server, str, Libvirtd]) -> None:
     server, host_id, _ = online
     uri = server.gateway_uri(host_id)

@@ -446,7 +446,8 @@ class SilentDial:
             peer.close()
 
 
-def test_an_open_that_succeeds_after_its_deadline_is_closed_and_the_slot_comes_back() -> None:
+def test_an_open_that_succeeds_after_its_deadline_is_closed_and_the_slot_comes_back(
+        tmp_path: Path) -> None:
     release = threading.Event()
     late = FakeConn()
     dial = SilentDial()
@@ -460,7 +461,8 @@ def test_an_open_that_succeeds_after_its_deadline_is_closed_and_the_slot_comes_b
 
 
     async def main() -> None:
-        opener = LibvirtOpener(None, max_opens=1, open_timeout=0.2, dial=dial,  # type: ignore[arg-type]
+        opener = LibvirtOpener(None, tmp_path / "links", max_opens=1,  # type: ignore[arg-type]
+                               open_timeout=0.2, dial=dial,
                                libvirt_open=slow_open)
         target = Target("h1", "10.0.0.1", 1, ("a1",))
         try:
@@ -478,7 +480,7 @@ def test_an_open_that_succeeds_after_its_deadline_is_closed_and_the_slot_comes_b
     dial.close()
 
 
-def test_opens_in_flight_are_bounded_over_all_hosts() -> None:
+def test_opens_in_flight_are_bounded_over_all_hosts(tmp_path: Path) -> None:
     running, most = 0, 0
     lock = threading.Lock()
     gate = threading.Event()
@@ -496,7 +498,8 @@ def test_opens_in_flight_are_bounded_over_all_hosts() -> None:
     dial = SilentDial()
 
     async def main() -> None:
-        opener = LibvirtOpener(None, max_opens=3, open_timeout=5, dial=dial,  # type: ignore[arg-type]
+        opener = LibvirtOpener(None, tmp_path / "links", max_opens=3,  # type: ignore[arg-type]
+                               open_timeout=5, dial=dial,
                                libvirt_open=counting_open)
         try:
             attempts = [asyncio.create_task(opener.open(Target(f"h{i}", "10.0.0.1", 1, ("a1",)),

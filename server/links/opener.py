@@ -21,7 +21,6 @@ import itertools
 import logging
 import shutil
 import ssl
-import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +84,7 @@ class LibvirtOpener:
     is the blocking open of a libvirt URI (libvirt.open with keepalive). Both are
     parameters so the bounds can be tested without a host."""
 
-    def __init__(self, ctx: ssl.SSLContext, max_opens: int = MAX_OPENS,
+    def __init__(self, ctx: ssl.SSLContext, socket_dir: Path, max_opens: int = MAX_OPENS,
                  open_timeout: float = OPEN_TIMEOUT, dial: Dial = dial,
                  libvirt_open: Callable[[str], libvirt.virConnect] | None = None) -> None:
         self._ctx = ctx
@@ -96,7 +95,9 @@ class LibvirtOpener:
         self._open_pool = concurrent.futures.ThreadPoolExecutor(max_opens, "libvirt-open")
         self._call_pool = concurrent.futures.ThreadPoolExecutor(4, "libvirt-call")
         self._in_flight: dict[str, asyncio.Future[libvirt.virConnect]] = {}
-        self._dir = Path(tempfile.mkdtemp(prefix="virtfleet-links-"))  # 0700
+        # Where libvirt is handed each relay's private socket: in the run dir, so that
+        # systemd (RuntimeDirectory) and the next start clear what a killed server left.
+        self._dir = socket_dir
         self._names = itertools.count()
 
     def stop(self) -> None:
@@ -127,6 +128,8 @@ class LibvirtOpener:
 
     async def _open_relayed(self, target: Target,
                             stream: Stream, serial: str) -> OpenLink:
+        self._dir.mkdir(mode=0o700, exist_ok=True)  # 0700: these reach a host as the server
+        self._dir.chmod(0o700)
         path = self._dir / f"{next(self._names)}.sock"
         accepted: asyncio.Future[Relay] = asyncio.get_running_loop().create_future()
         tasks: list[asyncio.Task[None]] = []
