@@ -56,10 +56,20 @@ def observed(what: str, since: float) -> float:
     return seconds
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now that this process has not handed out before: the
+    kernel may give the same free port twice in a row, and a server's agent, metrics and
+    web ports (asked for one after the other, bound later) then collide."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def pid_alive(pid: int) -> bool:
