@@ -27,8 +27,8 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     def start(*extra: str, state: Path | None = None, port: int | None = None) -> Server:
         srv = Server(state or tmp_path / "server", port or free_port(), *(extra or FAST))
-        servers.append(srv.start())
-        return srv
+        servers.append(srv)  # closed even when it fails to start
+        return srv.start()
 
     yield start
     for srv in servers:
