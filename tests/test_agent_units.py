@@ -472,7 +472,7 @@ def test_a_renewal_that_hangs_is_abandoned_at_its_own_deadline(tmp_path: Path) -
     certs = CertManager(AgentConfig(), _identity(tmp_path, 1000), "https://x", "h1", timeout=0.2)
 
     async def hang() -> None:
-        await asyncio.sleep(60)
+        await asyncio.Event().wait()  # never set: a renewal that never returns
 
     certs._renew = hang  # type: ignore[method-assign]
     started = time.monotonic()
@@ -627,7 +627,7 @@ def test_a_check_in_asked_to_renew_neither_waits_for_the_renewal_nor_comes_back_
 
         async def slow_renewal() -> None:
             renewing.set()
-            await asyncio.sleep(60)
+            await asyncio.Event().wait()  # never set: a renewal that never returns
 
         runner.client.checkin = checkin  # type: ignore[method-assign]
         runner.certs._renew = slow_renewal  # type: ignore[method-assign]

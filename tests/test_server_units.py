@@ -533,6 +533,20 @@ def test_a_port_that_accepts_and_never_answers_costs_a_timer_not_a_thread() -> N
         assert threading.active_count() < 10
 
 
+async def writable(sock: socket.socket, timeout: float) -> bool:
+    """Whether `sock` can take more bytes within `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_writer(sock, lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_writer(sock)
+
+
 def test_the_relay_holds_back_a_fast_writer_for_a_slow_reader() -> None:
     async def main() -> int:
         client, client_peer = await socket_stream()
@@ -542,11 +556,12 @@ def test_the_relay_holds_back_a_fast_writer_for_a_slow_reader() -> None:
         upstream_peer.setblocking(False)
         chunk = b"x" * 65536
         sent = 0
-        for _ in range(400):  # the host sends 25 MiB; the client never reads
+        for _ in range(400):  # the host sends up to 25 MiB; the client never reads
             try:
                 sent += upstream_peer.send(chunk)
             except BlockingIOError:
-                await asyncio.sleep(0.01)
+                if not await writable(upstream_peer, 0.5):
+                    break  # held back: the relay stopped taking the host's bytes
         relayed = relay.received
         relay.close()
         await task

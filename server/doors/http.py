@@ -17,6 +17,8 @@ FLEET = "virtfleet.fleet"  # app key (aiohttp 3.8, Debian 12's, has no web.AppKe
 ON_REFUSED = "virtfleet.on_refused"  # app key: called with the error code of each refusal
 ERROR_CODE = "virtfleet.error"  # on a refusal's response: its code
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# How a door renders a refusal: (status, code, message, extra headers) -> response.
+Render = Callable[[int, str, str, dict[str, str] | None], web.StreamResponse]
 
 
 def fleet_of(request: web.Request) -> Fleet:
@@ -33,7 +35,7 @@ def error_response(status: int, code: str, message: str,
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every failure into a JSON refusal; never leak a stack trace to a client."""
-    response = await _answer(request, handler)
+    response = await answer(request, handler)
     if response.status >= 400:
         on_refused = request.app.get(ON_REFUSED)
         if on_refused is not None:
@@ -51,26 +53,29 @@ async def _drain(request: web.Request) -> None:
         left -= len(await request.content.readany())
 
 
-async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def answer(request: web.Request, handler: Handler,
+                 render: Render = error_response) -> web.StreamResponse:
+    """The handler's response, or every failure as a refusal `render` makes, in words
+    (never a stack trace)."""
     try:
         return await handler(request)
     except Refused as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return render(exc.status, exc.code, exc.message, exc.headers)
     except wire.WireError as exc:
-        return error_response(400, "bad_request", str(exc))
+        return render(400, "bad_request", str(exc), None)
     except web.HTTPRequestEntityTooLarge:
-        return error_response(413, "too_large",
-                              f"request body is larger than {wire.MAX_BODY_BYTES} bytes")
+        return render(413, "too_large", f"request body is larger than {wire.MAX_BODY_BYTES} bytes",
+                      None)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         # A 405 must say which methods the path has (RFC 9110); keep aiohttp's Allow.
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, allow)
+        return render(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, allow)
     except StoreUnavailable as exc:
         log.error("state store failed on %s %s: %s", request.method, request.path, exc)
-        return error_response(503, "store_unavailable",
-                              f"the server cannot write its state ({exc}); try again later")
+        return render(503, "store_unavailable",
+                      f"the server cannot write its state ({exc}); try again later", None)
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(500, "internal_error", "internal server error; see the server log")
+        return render(500, "internal_error", "internal server error; see the server log", None)

@@ -37,10 +37,9 @@ from server.admin import GatewayView, LinkView
 from server.changes import Change, ChangeLog, Gone
 from server.config import ServerConfig, unreachable_url_problem
 from server.doors.guard import ConnectionGuard
-from server.doors.http import FLEET, fleet_of
+from server.doors.http import FLEET, answer, fleet_of
 from server.fleet import Fleet, Refused
 from server.model import Status, WebSession
-from server.store import StoreUnavailable
 from server.views import describe_facts
 from server.websessions import LoginRefused, WebSessions, csrf_token, session_actor
 
@@ -156,21 +155,9 @@ async def _secure(_request: web.Request, response: web.StreamResponse) -> None:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Every failure as a page that says what went wrong; never a stack trace."""
-    try:
-        return await handler(request)  # type: ignore[no-any-return]
-    except Refused as exc:
-        return error_page(request, exc.status, exc.message)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_page(request, exc.status, exc.reason)
-    except StoreUnavailable as exc:
-        log.error("state store failed on %s %s: %s", request.method, request.path, exc)
-        return error_page(request, 503, f"the server cannot write its state ({exc}); try again later")
-    except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_page(request, 500, "internal server error; see the server log")
+    """Every failure as a page that says what went wrong, in the JSON doors' words."""
+    return await answer(request, handler,
+                        lambda status, _code, message, _headers: error_page(request, status, message))
 
 
 @web.middleware
