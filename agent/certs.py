@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from agent.client import ServerClient, ServerError
 from agent.config import AgentConfig
-from agent.libvirt_tls import TLSSetupError
+from agent.libvirt_tls import LibvirtTLS, TLSSetupError
 from agent.state import State
 from common.backoff import Backoff
 from common.logs import event
@@ -176,7 +176,8 @@ class CertManager:
         from common import pki
 
         key = pki.new_key()
-        libvirt_key = pki.new_key() if self.config.libvirt.configure_tls else None
+        # Renewed where libvirtd's TLS was set up (not on a host reached only by tunnel).
+        libvirt_key = pki.new_key() if LibvirtTLS(self.config.libvirt).configured() else None
         client = ServerClient(self.url, self._ctx)  # closed below, also when abandoned
         try:
             identity = await client.renew(

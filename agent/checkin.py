@@ -187,13 +187,16 @@ class StatusBook:
         self.state = state
         self.last: dict[str, Any] = state.load_status()
 
-    def record(self, outcome: Outcome, next_in: float | None = None) -> None:
+    def record(self, outcome: Outcome, next_in: float | None = None,
+               tunnel: dict[str, Any] | None = None) -> None:
+        """`tunnel`: the agent's tunnel as it is now, if the server asks for one."""
         now = time.time()
         fields: dict[str, Any] = {"at": now, "ok": outcome.ok, "verdict": outcome.verdict.value,
                                   "hostname": outcome.report.hostname,
                                   "libvirtd": wire.to_json(outcome.report.libvirtd),
                                   "libvirtd_at": now,
-                                  "next_at": None if next_in is None else now + next_in}
+                                  "next_at": None if next_in is None else now + next_in,
+                                  "tunnel": tunnel}
         if outcome.answer is not None:
             fields |= {"status": outcome.answer.status, "detail": outcome.answer.detail,
                        "last_success": now, "sent": "heartbeat" if outcome.heartbeat else "report",

@@ -425,6 +425,9 @@ def _status_data(config: AgentConfig, state: State, enrollment: Enrollment,
             problems.append(f"the server says error: {status.get('detail')}")
     if libvirtd_now is not None:
         problems.append(f"libvirtd does not answer now: {libvirtd_now}")
+    tunnel = status.get("tunnel") if status else None
+    if tunnel and not tunnel.get("open") and tunnel.get("error") and pid is not None:
+        problems.append(f"the server asks for a tunnel and none is open: {tunnel['error']}")
     return {
         "host_id": enrollment.host_id, "server": enrollment.server_url, "role": enrollment.role,
         "hostname": enrollment.hostname or config.hostname, "enrolled_at": enrollment.enrolled_at,
@@ -459,6 +462,14 @@ def _print_status(data: dict[str, Any]) -> None:
                   f"(as of {ago(status.get('last_success'))})")
         if status.get("last_success") and not status.get("ok"):
             print(f"last success: {when(status['last_success'])} ({ago(status['last_success'])})")
+    tunnel = status.get("tunnel") if status else None
+    if tunnel:
+        print("tunnel:       " + (
+            f"open since {when(tunnel['since'])}, {tunnel['streams']} stream(s) open, "
+            f"{tunnel['streams_served']} served, {tunnel['bytes_in']} B in, "
+            f"{tunnel['bytes_out']} B out" if tunnel.get("open")
+            else f"NOT OPEN: {tunnel.get('error') or 'opening'}")
+            + f" (as of {ago(status.get('at'))})")
     now = data["libvirtd_now"]
     print("libvirtd:     " + ("answers now" if now["ok"] else f"DOWN now: {now['error']}")
           + f" ({now['uri']})")

@@ -38,6 +38,8 @@ class LibvirtConfig:
     key_file: Path = Path("/etc/pki/libvirt/private/serverkey.pem")
     # Run after the TLS set-up changed, where systemd does not run libvirtd.
     restart_command: str = ""
+    # libvirtd's read-write socket: what a tunnel's streams are bridged to, and nothing else.
+    socket: Path = Path("/run/libvirt/libvirt-sock")
 
 
 @dataclass

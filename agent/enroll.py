@@ -49,17 +49,26 @@ def check_pin(ca_pem: str, expected: str, url: str, source: str = "the join stri
             f"made the token, or someone is in between. {unchanged}")
 
 
-def token_role(token: str) -> str | None:
-    """The role claim of a join token (a JWT), read without checking the signature: it
-    only picks a default role the server then checks, with the signature, as always."""
+def _claim(token: str, name: str, choices: tuple[str, ...]) -> str | None:
+    """A claim of a join token (a JWT), read without checking the signature: it only
+    picks a default the server then checks, with the signature, as always."""
     try:
         payload = token.split(".")[1]
         claims = wire.load_json(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)),
                                 "the token")
     except (IndexError, ValueError, binascii.Error):
         return None
-    role = claims.get("role") if isinstance(claims, dict) else None
-    return role if role in wire.ROLES else None
+    value = claims.get(name) if isinstance(claims, dict) else None
+    return value if value in choices else None
+
+
+def token_role(token: str) -> str | None:
+    return _claim(token, "role", wire.ROLES)
+
+
+def token_transport(token: str) -> str:
+    """How the server will reach this host: a `tunnel` host sets no libvirtd TLS up."""
+    return _claim(token, "transport", wire.TRANSPORTS) or "direct"
 
 
 def choose_role(given: str, token_limit: str | None, joined: str | None) -> str:
@@ -109,11 +118,14 @@ async def join(text: str, config: AgentConfig, state: State, force: bool = False
         raise JoinError(str(exc)) from None
     check_pin(ca_pem, join_string.ca_pin, join_string.url)
 
-    if config.libvirt.configure_tls:
+    # Through a tunnel, the server reaches libvirtd's unix socket: no TLS listener to set
+    # up, and no libvirtd restart.
+    set_up_tls = config.libvirt.configure_tls and token_transport(join_string.token) != "tunnel"
+    if set_up_tls:
         LibvirtTLS(config.libvirt, state.dir).preflight()
     state.prepare()
     key = pki.new_key()
-    libvirt_key = pki.new_key() if config.libvirt.configure_tls else None
+    libvirt_key = pki.new_key() if set_up_tls else None
     local = LocalLibvirt(config.libvirt.uri, on_change=lambda: None)
     try:
         report = await build_report(config, local)

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import collectors
 from agent.certs import CertManager, renewal_time
@@ -41,6 +41,9 @@ from agent.state import Enrollment, State
 from common import notify, wire
 from common.backoff import Backoff
 from common.logs import event
+
+if TYPE_CHECKING:
+    from agent.tunnel import TunnelKeeper
 
 __all__ = ["HUNG_CHECKIN", "Runner", "renewal_time"]
 
@@ -98,6 +101,7 @@ class Runner:
         self.sent_facts: Any = None  # the /sys facts, as the server last heard them
         self.acked: Acked | None = None  # the report the server last acknowledged
         self.reconnect_window = 0.0  # the server's, from its last answer
+        self.tunnel: TunnelKeeper | None = None  # made once the server first asks for one
         # The last interval the server gave (clamped), by this process or an earlier one.
         interval = self.book.last.get("interval")
         self._interval = clamp_interval(interval) if isinstance(interval, (int, float)) \
@@ -119,6 +123,8 @@ class Runner:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.tunnel is not None:
+            await self.tunnel.stop()
         self.client.close()
         await asyncio.to_thread(self.local.close)
 
@@ -153,7 +159,7 @@ class Runner:
         outcome = await check_in(self.client, self.config, self.state, self.local, self.acked)
         self._saw_libvirtd(outcome.report.libvirtd.ok)
         delay = self._succeeded(outcome) if outcome.ok else self._failed(outcome)
-        self.book.record(outcome, delay)
+        self.book.record(outcome, delay, self.tunnel.describe() if self.tunnel else None)
         if outcome.answer is not None and time.monotonic() - self._move_tried >= MOVE_RETRY:
             await self._follow(outcome.answer)
         return delay
@@ -168,6 +174,8 @@ class Runner:
             return
         self.client.close()
         self.client = moved
+        if self.tunnel is not None:
+            self.tunnel.move(self.enrollment.server_url)
 
     def _succeeded(self, outcome: Outcome) -> float:
         answer = outcome.answer
@@ -185,7 +193,17 @@ class Runner:
             self.certs.request()  # in its own task: this check-in is done
         self._interval = clamp_interval(answer.checkin_interval)
         self.reconnect_window = answer.reconnect_window
+        self._want_tunnel(answer.tunnel)
         return self._interval
+
+    def _want_tunnel(self, wanted: bool) -> None:
+        if wanted and self.tunnel is None:
+            from agent.tunnel import TunnelKeeper  # h2: loaded only where a tunnel is used
+
+            self.tunnel = TunnelKeeper(self.enrollment.server_url, self.state.client_context,
+                                       self.config.libvirt.socket, self.enrollment.host_id)
+        if self.tunnel is not None:
+            self.tunnel.want(wanted)
 
     def _failed(self, outcome: Outcome) -> float | None:
         host_id = self.enrollment.host_id

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 # 3: a check-in is a heartbeat (`report_digest` only) unless the report changed; answers
 #    carry `report_digest` and `send_report`.
 # 4: answers carry `reconnect_window`.
-PROTOCOL_VERSION = 4
+# 5: answers carry `tunnel`.
+PROTOCOL_VERSION = 5
 OLDEST_PROTOCOL = 1  # the oldest agents this server still serves
 
 CA_PATH = "/v1/ca"
@@ -47,6 +48,10 @@ MAX_PEM = 16 * 1024
 MAX_DEPTH = 32
 
 ROLES = ("hypervisor", "disk_operations", "mixed")
+# How the server reaches a host's libvirtd: `direct` dials its TLS port; `tunnel` goes
+# through the connection the agent keeps open to the server (common/tunnel.py); `auto`
+# dials directly and asks for a tunnel when the TLS port cannot be reached.
+TRANSPORTS = ("direct", "tunnel", "auto")
 ROLE_CAPABILITIES: dict[str, frozenset[str]] = {
     "hypervisor": frozenset({"hypervisor"}),
     "disk_operations": frozenset({"disk_operations"}),
@@ -281,11 +286,15 @@ class CheckinResponse:
     # server needs to shake hands with every host, so a crowd cut off together comes
     # back at the pace it can take instead of all at once.
     reconnect_window: float = 0.0
+    # Keep a tunnel open to this server: the host's libvirt connections come through it
+    # (the host is behind NAT or a firewall, or chose no TLS port); false: close it.
+    tunnel: bool = False
 
 
 # The check-in answer's fields each protocol added: an agent is sent those it knows
 # (agents of protocol 1 refuse a field they do not know).
-ADDED_IN = {"server_urls": 2, "report_digest": 3, "send_report": 3, "reconnect_window": 4}
+ADDED_IN = {"server_urls": 2, "report_digest": 3, "send_report": 3, "reconnect_window": 4,
+            "tunnel": 5}
 
 
 def answer_for(protocol: int, answer: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from server.model import AdminState, Host, Token
 MAX_TTL = 7 * 24 * 3600
 MAX_USES = 100_000
 MIN_PREFIX = 2  # characters of an id that may stand for it
-HOST_ACTIONS = ("enable", "disable", "forget", "set-role")
+HOST_ACTIONS = ("enable", "disable", "forget", "set-role", "set-transport")
 
 
 class LinkView(Protocol):
@@ -79,16 +79,16 @@ def audited_host(fleet: Fleet, ref: str) -> str:
 # -- actions ----------------------------------------------------------------------
 
 def create_token(fleet: Fleet, actor: str, role: str, ttl: float, uses: int, auto_enable: bool,
-                 description: str) -> CreatedToken:
+                 description: str, transport: str = "auto") -> CreatedToken:
     if role not in wire.ROLES:
         raise Refused(400, "bad_request", f"role {role!r} is not one of {', '.join(wire.ROLES)}")
     if not 1 <= ttl <= MAX_TTL:
         raise Refused(400, "bad_request", f"ttl must be between 1 s and {MAX_TTL} s (7 days)")
     if not 1 <= uses <= MAX_USES:
         raise Refused(400, "bad_request", f"uses must be between 1 and {MAX_USES}")
-    created = fleet.create_token(role, ttl, uses, auto_enable, description[:200])
+    created = fleet.create_token(role, ttl, uses, auto_enable, description[:200], transport)
     fleet.audit.record(actor, "token_create", f"token {created.record.jti}", "ok",
-                       f"role {role}, {uses} use(s), valid {ttl:g} s"
+                       f"role {role}, transport {transport}, {uses} use(s), valid {ttl:g} s"
                        + ("" if auto_enable else ", hosts wait for enable"))
     return created
 
@@ -103,26 +103,30 @@ def revoke_token(fleet: Fleet, actor: str, ref: str) -> Token:
     return token
 
 
-def act_on_host(fleet: Fleet, actor: str, host: Host, action: str, role: str = "") -> None:
-    """One of HOST_ACTIONS (`role`: set-role's), audited either way."""
+def act_on_host(fleet: Fleet, actor: str, host: Host, action: str, value: str = "") -> None:
+    """One of HOST_ACTIONS (`value`: set-role's role, set-transport's transport), audited
+    either way."""
     audited = functools.partial(fleet.audit.record, actor, "host_" + action.replace("-", "_"),
                                 host_target(host), host_id=host.id)
     try:
-        detail = _act(fleet, host, action, role)
+        detail = _act(fleet, host, action, value)
     except Refused as exc:
         audited("refused", exc.message)
         raise
     audited("ok", detail)
 
 
-def _act(fleet: Fleet, host: Host, action: str, role: str) -> str:
+def _act(fleet: Fleet, host: Host, action: str, value: str) -> str:
     """Do it; what changed, in words, for the audit log."""
     if action == "forget":
         fleet.forget(host)
         return ""
     if action == "set-role":
-        fleet.set_role(host, role)
-        return f"role {host.role} -> {role}"
+        fleet.set_role(host, value)
+        return f"role {host.role} -> {value}"
+    if action == "set-transport":
+        fleet.set_transport(host, value)
+        return f"transport {host.transport} -> {value}"
     fleet.set_admin_state(host, {"enable": AdminState.ENABLED, "disable": AdminState.DISABLED}[action])
     return f"was {host.admin_state}"
 
@@ -132,6 +136,7 @@ def _act(fleet: Fleet, host: Host, action: str, role: str) -> str:
 def token_view(token: Token, hosts: list[str]) -> dict[str, Any]:
     return {
         "id": token.jti, "role": token.role, "auto_enable": token.auto_enable,
+        "transport": token.transport,
         "uses": token.uses, "max_uses": token.max_uses, "created_at": token.created_at,
         "expires_at": token.expires_at, "revoked_at": token.revoked_at,
         "state": token.state(time.time()), "description": token.description,

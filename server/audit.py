@@ -28,7 +28,8 @@ from server.store import StoreError
 log = logging.getLogger(__name__)
 
 ACTIONS = ("enroll", "token_create", "token_revoke", "host_enable", "host_disable",
-           "host_forget", "host_set_role", "web_login_url", "web_login", "web_session_revoke")
+           "host_forget", "host_set_role", "host_set_transport", "web_login_url", "web_login",
+           "web_session_revoke")
 
 
 class AuditStore(Protocol):

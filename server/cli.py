@@ -207,12 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--uses", type=int, default=1, help="how many hosts may join with it (default 1)")
     tc.add_argument("--no-auto-enable", dest="auto_enable", action="store_false",
                     help="hosts joining with it wait as pending until `hosts enable`")
+    tc.add_argument("--transport", default="auto", choices=wire.TRANSPORTS,
+                    help="how the server reaches the hosts' libvirtd: direct (TLS to its port "
+                         "16514), tunnel (through a connection the agent opens to the server: "
+                         "behind NAT or a firewall, no libvirtd TLS set-up), or auto (default: "
+                         "direct, and a tunnel when the host's TLS port cannot be reached)")
     tc.add_argument("--description", default="", help="a note for `token list`")
     tsub.add_parser("list", help="list tokens and their state", parents=[shared])
     tr = tsub.add_parser("revoke", help="revoke a token: no more hosts join with it", parents=[shared])
     tr.add_argument("id", type=reference, help="token id, or a unique prefix of it")
 
-    h = sub.add_parser("hosts", help="hosts: list, show, uri, enable, disable, forget, set-role")
+    h = sub.add_parser("hosts", help="hosts: list, show, uri, enable, disable, forget, set-role, "
+                                     "set-transport")
     hsub = Subcommands(h.add_subparsers(dest="hosts_command", required=True, metavar="ACTION"))
     hsub.add_parser("list", help="every host with its status and last check-in", parents=[shared])
     for name, text in [("show", "everything known about a host, with its status history"),
@@ -225,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     sr = hsub.add_parser("set-role", help="override the role a host configured", parents=[shared])
     sr.add_argument("id", type=reference, help=HOST_REF)
     sr.add_argument("role", choices=wire.ROLES)
+    st = hsub.add_parser("set-transport", help="how the server reaches the host's libvirtd: "
+                         "direct, tunnel or auto (see token create --transport)", parents=[shared])
+    st.add_argument("id", type=reference, help=HOST_REF)
+    st.add_argument("transport", choices=wire.TRANSPORTS)
     sub.add_parser("web-login", help="print a one-time URL (valid 60 s) that logs a browser in "
                    "to the web page", parents=[shared])
     w = sub.add_parser("web-sessions", help="the web page's sessions: list, revoke")
@@ -367,13 +377,15 @@ def token_command(args: argparse.Namespace, state: Path) -> int:
     if args.token_command == "create":
         data = admin_call(state, "POST", "/v1/tokens", {
             "role": args.role, "ttl": args.ttl, "uses": args.uses,
-            "auto_enable": args.auto_enable, "description": args.description})
+            "auto_enable": args.auto_enable, "description": args.description,
+            "transport": args.transport})
         if args.json:
             print_json(data)
             return 0
         tok = data["token"]
         print(data["join"])
-        print(f"\n# token {tok['id']}: role {tok['role']}, {tok['max_uses']} use(s), "
+        print(f"\n# token {tok['id']}: role {tok['role']}, transport {tok['transport']}, "
+              f"{tok['max_uses']} use(s), "
               f"expires {when(tok['expires_at'])}"
               + ("" if tok["auto_enable"] else ", hosts wait for `hosts enable`"),
               file=sys.stderr)
@@ -413,6 +425,9 @@ def hosts_command(args: argparse.Namespace, state: Path) -> int:
         data = admin_call(state, "GET", f"/v1/hosts/{ref}")
     elif action == "set-role":
         data = admin_call(state, "POST", f"/v1/hosts/{ref}/set-role", {"role": args.role})
+    elif action == "set-transport":
+        data = admin_call(state, "POST", f"/v1/hosts/{ref}/set-transport",
+                          {"transport": args.transport})
     else:
         data = admin_call(state, "POST", f"/v1/hosts/{ref}/{action}")
         if action == "forget":
@@ -452,6 +467,7 @@ def render_host(h: dict[str, Any]) -> str:
         + (f", libvirt {conn['remote_libvirt_version']}" if conn.get("remote_libvirt_version") else "")
         + (f", since {when(conn['connected_since'])}" if conn.get("connected_since") else ""),
     ]
+    lines.append(f"  transport:     {render_transport(conn.get('transport') or {})}")
     gateway = h.get("gateway") or {}
     lines.append(f"  gateway:       {h.get('gateway_uri')} ({gateway.get('open', 0)} open, "
                  f"{gateway.get('accepted', 0)} relayed, {gateway.get('refused', 0)} refused)")
@@ -467,6 +483,22 @@ def render_host(h: dict[str, Any]) -> str:
                    if e.get("tries", 1) > 1 and e.get("last_at") else "")
         lines.append(f"    {when(e['at'])}  {e['status']:<10} {e['detail']}{repeats}")
     return "\n".join(printable(line) for line in lines)
+
+
+def render_transport(t: dict[str, Any]) -> str:
+    """E.g. "auto, using tunnel (the TLS port could not be reached: ...); tunnel open
+    since 10:02:03, 2 streams, 1.2 MB in, 0.3 MB out"."""
+    text = f"{t.get('mode', '?')}, using {t.get('in_use', '?')}"
+    if t.get("why_tunnel"):
+        text += f" ({t['why_tunnel']})"
+    tunnel = t.get("tunnel")
+    if tunnel:
+        text += (f"; tunnel open since {when(tunnel['since'])}, {tunnel['streams']} stream(s), "
+                 f"{tunnel['bytes_in']} B in, {tunnel['bytes_out']} B out")
+    elif t.get("in_use") == "tunnel":
+        text += "; no tunnel open" + (f" (last closed: {t['tunnel_closed']})"
+                                      if t.get("tunnel_closed") else "")
+    return text
 
 
 def _older_than(ts: float | None, seconds: float) -> bool:

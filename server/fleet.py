@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,7 +27,7 @@ from server.audit import Audit
 from server.ca import CertificateAuthority, libvirt_names
 from server.config import ServerConfig
 from server.hosts import HostStatus
-from server.model import AdminState, Connection, Host, LinkState, Status, Token
+from server.model import AdminState, Connection, Host, LinkState, Status, Token, Transport
 from server.ratelimit import RateLimiter
 from server.store import Store, StoreError
 from server.tokens import TokenClaims, TokenError, TokenSigner
@@ -85,7 +85,10 @@ class Fleet:
     def __init__(self, config: ServerConfig, store: Store, identity_ca: CertificateAuthority,
                  libvirt_ca: CertificateAuthority, signer: TokenSigner, status: HostStatus,
                  links: LinkControl, link_states: Mapping[str, Connection],
-                 libvirt_client_dn: str, audit: Audit) -> None:
+                 libvirt_client_dn: str, audit: Audit,
+                 tunnel_wanted: Callable[[Host], bool] = lambda _host: False) -> None:
+        """`tunnel_wanted(host)`: whether the host's libvirt is reached through a tunnel
+        its agent opens (links/routes.Routes.via_tunnel)."""
         self.config = config
         self.store = store
         self.identity_ca = identity_ca
@@ -96,6 +99,7 @@ class Fleet:
         self.link_states = link_states
         self.libvirt_client_dn = libvirt_client_dn
         self.audit = audit
+        self.tunnel_wanted = tunnel_wanted
         self.reconnect_window = MIN_RECONNECT_WINDOW
         self._checkins = RateLimiter(CHECKIN_RATE, CHECKIN_BURST)
         self._renewals = RateLimiter(RENEW_RATE, RENEW_BURST)
@@ -103,11 +107,14 @@ class Fleet:
     # -- tokens --------------------------------------------------------------
 
     def create_token(self, role: str, ttl: float, uses: int, auto_enable: bool,
-                     description: str) -> CreatedToken:
-        token, claims = self.signer.create(role, dt.timedelta(seconds=ttl), auto_enable)
+                     description: str, transport: str = Transport.AUTO) -> CreatedToken:
+        if transport not in wire.TRANSPORTS:
+            raise Refused(400, "bad_request", f"transport {transport!r} is not one of "
+                                              f"{', '.join(wire.TRANSPORTS)}")
+        token, claims = self.signer.create(role, dt.timedelta(seconds=ttl), auto_enable, transport)
         record = Token(jti=claims.jti, role=role, auto_enable=auto_enable, max_uses=uses, uses=0,
                        created_at=time.time(), expires_at=claims.expires_at, revoked_at=None,
-                       description=description)
+                       description=description, transport=transport)
         self.store.add_token(record)
         join = wire.JoinString(url=self.config.url, ca_pin=self.identity_ca.pin, token=token)
         log.info("created join token %s (role %s, %d use(s), expires %s)", claims.jti, role, uses,
@@ -154,6 +161,7 @@ class Fleet:
         now = time.time()
         host = self._enrolled_host(host_id, req.report, claims.jti, claims.role, claims.auto_enable,
                                    address, now, replaces)
+        host.transport = Transport(claims.transport)
         host.cert_serial, host.cert_not_after = f"{cert.serial_number:x}", pki.not_after(cert).timestamp()
         if identity.libvirt_certificate:
             lv = pki.load_cert(identity.libvirt_certificate)
@@ -220,23 +228,7 @@ class Fleet:
 
     def host_for_certificate(self, serial: str | None) -> Host:
         """The host a verified client certificate speaks for; never from the body."""
-        if serial is None:
-            raise Refused(401, "no_client_certificate",
-                          "this call needs the host's client certificate (mTLS)")
-        host = self.store.host_by_serial(serial)
-        if host is None:
-            event(log, "checkin_refused", "refused a client certificate (serial %s): no host has it "
-                  "(forgotten, or replaced by a renewal)", serial, level=logging.WARNING)
-            raise Refused(403, "unknown_host",
-                          "this host is not enrolled here (it was forgotten or its certificate "
-                          "was replaced): join again with a new token")
-        if host.prev_cert_serial == serial:
-            return host
-        if host.prev_cert_serial:
-            # The renewed certificate is in use: the old one is retired for good.
-            self.store.update_host(host.id, prev_cert_serial=None)
-            host.prev_cert_serial = None
-        return host
+        return identify(self.store, serial)
 
     def checkin(self, host: Host, req: wire.CheckinRequest, address: str) -> wire.CheckinResponse:
         """A check-in: a heartbeat (`req.report_digest`) or a full report."""
@@ -299,7 +291,8 @@ class Fleet:
             # The host moved: its libvirtd certificate no longer names the address we dial.
             renew=host.libvirt_cert_address not in (None, address),
             server_urls=[self.config.url], report_digest=host.report_digest,
-            send_report=send_report, reconnect_window=self.reconnect_window)
+            send_report=send_report, reconnect_window=self.reconnect_window,
+            tunnel=self.tunnel_wanted(host))
 
     def note_host_count(self, hosts: int) -> None:
         """How many hosts would reconnect after a restart (the sweep tells, every second):
@@ -358,12 +351,45 @@ class Fleet:
         self.links.reconnect(host.id)
         self.status.refresh(host.id)
 
+    def set_transport(self, host: Host, transport: str) -> None:
+        if transport not in wire.TRANSPORTS:
+            raise Refused(400, "bad_request", f"transport {transport!r} is not one of "
+                                              f"{', '.join(wire.TRANSPORTS)}")
+        self.store.update_host(host.id, transport=transport)
+        log.info("host %s (%s): transport set to %s by an administrator", host.hostname, host.id,
+                 transport)
+        self.links.reconnect(host.id)
+        self.status.refresh(host.id)
+
     def forget(self, host: Host) -> None:
         """Remove the host: its identity certificates are refused from now on (no host has
         them), its libvirtd certificates revoked, its connection closed."""
         self.store.forget_host(host.id, time.time())
         self.links.host_changed(host.id)
         log.warning("host %s (%s) forgotten by an administrator", host.hostname, host.id)
+
+
+
+def identify(store: Store, serial: str | None) -> Host:
+    """The host a verified client certificate (its serial) speaks for: a check-in's, a
+    renewal's, a tunnel's."""
+    if serial is None:
+        raise Refused(401, "no_client_certificate",
+                      "this call needs the host's client certificate (mTLS)")
+    host = store.host_by_serial(serial)
+    if host is None:
+        event(log, "checkin_refused", "refused a client certificate (serial %s): no host has it "
+              "(forgotten, or replaced by a renewal)", serial, level=logging.WARNING)
+        raise Refused(403, "unknown_host",
+                      "this host is not enrolled here (it was forgotten or its certificate "
+                      "was replaced): join again with a new token")
+    if host.prev_cert_serial == serial:
+        return host
+    if host.prev_cert_serial:
+        # The renewed certificate is in use: the old one is retired for good.
+        store.update_host(host.id, prev_cert_serial=None)
+        host.prev_cert_serial = None
+    return host
 
 
 def retire_previous_libvirt_cert(store: Store, host_id: str, serial: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from common import wire
 from common.logs import event
-from server.model import AdminState, Connection, Host, LinkState, Status
+from server.model import AdminState, Connection, Host, LinkState, Status, Transport
 from server.ratelimit import RateLimiter
 from server.store import Store, StoreError
 
@@ -50,7 +50,7 @@ def dial_blocker(host: Host, silent: str | None) -> tuple[Status, str] | None:
     libvirtd = host.report.libvirtd
     if not libvirtd.ok:
         return Status.ERROR, f"libvirtd is down on the host: {libvirtd.error or 'no answer'}"
-    if host.report.libvirt_endpoint is None:
+    if host.report.libvirt_endpoint is None and host.transport == Transport.DIRECT:
         return Status.CONNECTING, "waiting for the agent to report libvirtd's TLS endpoint"
     return None
 

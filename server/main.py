@@ -33,12 +33,14 @@ from server.doors.engine_api import host_record
 from server.doors.gateway import Gateway
 from server.doors.guard import HANDSHAKE_TIMEOUT, ConnectionGuard, OncePer, raise_file_limit
 from server.doors.web import WebDoor, create_web_app
-from server.fleet import Fleet, retire_previous_libvirt_cert
+from server.fleet import Fleet, identify, retire_previous_libvirt_cert
 from server.hosts import HostStatus
-from server.links.direct import Stream, dial
-from server.links.manager import LinkManager, target_of
+from server.links.direct import Stream
+from server.links.manager import LinkManager
 from server.links.opener import LibvirtOpener
 from server.links.pki import CLIENT_DN, dial_context, ensure_client_identity
+from server.links.routes import Routes
+from server.links.tunnels import AgentPort, Tunnels
 from server.model import AdminState, Connection, Host, LinkState
 from server.store import CHECKIN_FLUSH, Store, StoreError, open_store
 from server.tls import ensure_server_cert, limit_tls_buffers, server_context, server_names
@@ -61,6 +63,7 @@ class Parts:
     status: HostStatus
     links: LinkManager
     opener: LibvirtOpener
+    routes: Routes
     gateway: Gateway
     changes: ChangeLog
     events: HostEvents
@@ -106,22 +109,31 @@ class HostEvents:
     """Where the domain's news of a host goes: the link manager, the gateway, the engine
     feed (fleet.LinkControl)."""
 
-    def __init__(self, store: Store, links: LinkManager, gateway: Gateway, feed: EngineFeed) -> None:
+    def __init__(self, store: Store, links: LinkManager, gateway: Gateway, feed: EngineFeed,
+                 routes: Routes) -> None:
         self.store, self.links, self.gateway, self.feed = store, links, gateway, feed
+        self.routes = routes
 
     def host_changed(self, host_id: str, libvirtd_recovered: bool = False,
                      host: Host | None = None) -> None:
         if host is None:
             host = self.store.get_host(host_id)
         self.links.host_changed(host_id, libvirtd_recovered, host)
-        # A socket for each enabled host that said where its libvirtd is: one that never did
-        # cannot be reached at all, and 10,000 sockets for none would cost 10,000 files.
+        # A socket for each enabled host the server has a way to: a direct one that never
+        # said where its libvirtd is cannot be reached at all, and 10,000 sockets for none
+        # would cost 10,000 files.
         self.gateway.sync(host_id, host is not None and host.admin_state == AdminState.ENABLED
-                          and host.report.libvirt_endpoint is not None)
+                          and self.routes.can_route(host))
         if host is None:
             self.feed.remove(host_id)
+            self.routes.forget(host_id)
+            self.routes.tunnels.close(host_id, "the host was forgotten")
         else:
             self.feed.publish(host)
+
+    def tunnel_changed(self, host_id: str) -> None:
+        """A tunnel opened or closed: the host's link tries again at once."""
+        self.host_changed(host_id, libvirtd_recovered=True)
 
     def heard_from(self, host: Host) -> None:
         self.feed.checked_in(host)
@@ -143,22 +155,25 @@ def build(config: ServerConfig) -> Parts:
     (state / "libvirt-client" / "cacrl.pem").unlink(missing_ok=True)  # older servers' CRL
     states: dict[str, Connection] = {}
     ctx = dial_context(libvirt_ca, key, cert)
-    gateway = Gateway(config.run_dir, functools.partial(dial_host, store, ctx),
+    tunnels = Tunnels(functools.partial(identify, store), on_change=lambda _host_id: None)
+    routes = Routes(tunnels)
+    gateway = Gateway(config.run_dir, functools.partial(dial_host, store, routes, ctx),
                       lambda host_id: (s := states.get(host_id)) is not None
                       and s.state == LinkState.ONLINE, config.engine_group)
     changes = ChangeLog()
     feed = EngineFeed(changes, gateway.uri, states)
     status = HostStatus(store, config.grace, states, on_change=feed.publish)
-    opener = LibvirtOpener(ctx, config.run_dir / "links")
-    links = LinkManager(opener, store.get_host, states, on_change=status.refresh,
+    opener = LibvirtOpener(ctx, config.run_dir / "links", dial=routes.dial)
+    links = LinkManager(opener, routes, store.get_host, states, on_change=status.refresh,
                         on_served=functools.partial(retire_previous_libvirt_cert, store))
-    events = HostEvents(store, links, gateway, feed)
+    events = HostEvents(store, links, gateway, feed, routes)
+    tunnels.on_change = events.tunnel_changed
     fleet = Fleet(config, store, identity_ca, libvirt_ca, signer, status, events, states, CLIENT_DN,
-                  Audit(store))
+                  Audit(store), tunnel_wanted=routes.via_tunnel)
     registry = metrics.registry_with_process()
     sessions = WebSessions(store, fleet.audit, config.web_base_url, config.web_session_idle)
-    return Parts(config, store, fleet, status, links, opener, gateway, changes, events, registry,
-                 metrics.Instruments(registry), sessions)
+    return Parts(config, store, fleet, status, links, opener, routes, gateway, changes, events,
+                 registry, metrics.Instruments(registry), sessions)
 
 
 def metrics_state(parts: Parts, guard: ConnectionGuard) -> metrics.State:
@@ -175,12 +190,13 @@ def metrics_url(config: ServerConfig) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
 
 
-async def dial_host(store: Store, ctx: ssl.SSLContext, host_id: str) -> Stream:
-    """A checked TLS stream to the host's libvirtd, for a gateway client."""
+async def dial_host(store: Store, routes: Routes, ctx: ssl.SSLContext, host_id: str) -> Stream:
+    """A stream to the host's libvirtd, for a gateway client: the way the link manager's
+    own connection takes, checked the same way."""
     host = store.get_host(host_id)
-    if host is None or host.report.libvirt_endpoint is None:
+    if host is None or not routes.can_route(host):
         raise LookupError(f"host {host_id} has no libvirt endpoint")
-    stream, _serial = await dial(target_of(host), ctx)
+    stream, _serial = await routes.dial(routes.target(host), ctx)
     return stream
 
 
@@ -311,6 +327,8 @@ async def serve(config: ServerConfig) -> int:
     await metrics_runner.setup()
     assert agent_runner.server is not None
     guard.install(agent_runner.server)
+    parts.routes.tunnels.admission = guard
+    http = agent_runner.server
     listener: asyncio.Server | None = None
     try:
         parts.gateway.prepare()
@@ -324,8 +342,8 @@ async def serve(config: ServerConfig) -> int:
         supervisor.start("store-pruner", loops.prune_forever)
         # Not aiohttp's TCPSite: it sets no deadline for the TLS handshake.
         listener = await asyncio.get_running_loop().create_server(
-            agent_runner.server, config.listen_host, config.listen_port, backlog=1024,
-            ssl=server_context(key, cert, parts.fleet.identity_ca),
+            lambda: AgentPort(http, parts.routes.tunnels), config.listen_host, config.listen_port,
+            backlog=1024, ssl=server_context(key, cert, parts.fleet.identity_ca),
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT, reuse_address=True)
         await admin_api.start_socket(admin_runner, config.admin_socket)
         await engine_api.start_socket(engine_runner, config.run_dir / "engine.sock",
@@ -344,6 +362,7 @@ async def serve(config: ServerConfig) -> int:
         await supervisor.stop()
         if listener is not None:
             listener.close()
+        parts.routes.tunnels.stop()
         await parts.gateway.stop()
         await web_door.stop()
         await metrics_runner.cleanup()

@@ -33,6 +33,14 @@ class AdminState(enum.StrEnum):
     DISABLED = "disabled"
 
 
+class Transport(enum.StrEnum):
+    """How the server reaches a host's libvirtd (wire.TRANSPORTS; links/routes.py)."""
+
+    DIRECT = "direct"
+    TUNNEL = "tunnel"
+    AUTO = "auto"
+
+
 class LinkState(enum.StrEnum):
     CONNECTING = "connecting"
     ONLINE = "online"
@@ -58,6 +66,7 @@ class Token:
     expires_at: float
     revoked_at: float | None
     description: str
+    transport: str = "direct"  # wire.TRANSPORTS: what the hosts it enrolls start with
 
     def state(self, now: float) -> str:
         if self.revoked_at is not None:
@@ -109,12 +118,14 @@ class Host:
     # libvirtd is first seen serving the new one.
     prev_libvirt_cert_serial: str | None = None
     libvirtd_ok: bool = False  # what the last report said, kept apart to skip parsing it
+    transport: Transport = Transport.DIRECT  # how the server reaches its libvirtd
     _report: wire.Report | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.admin_state = AdminState(self.admin_state)
         self.status = Status(self.status)
         self.libvirtd_ok = bool(self.libvirtd_ok)
+        self.transport = Transport(self.transport)
 
     @property
     def report(self) -> wire.Report:

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from common import pki
+from common import pki, tunnel
 from common.files import write_atomic
 from server.ca import CertificateAuthority, Names
 
@@ -87,6 +87,8 @@ def server_context(key_path: Path, cert_path: Path, client_ca: CertificateAuthor
     # and making two tickets (each sealing the client certificate) was a quarter of a
     # handshake's cost: 315 -> 376 handshakes/s at full load (bench/README.md).
     ctx.num_tickets = 0
+    # An agent asks for a tunnel (common/tunnel.py) by ALPN; everything else is HTTP/1.1.
+    ctx.set_alpn_protocols([tunnel.ALPN, "http/1.1"])
     return ctx
 
 

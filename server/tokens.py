@@ -37,6 +37,7 @@ class TokenClaims:
     role: str
     auto_enable: bool
     expires_at: float
+    transport: str = "direct"
 
 
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
@@ -59,13 +60,15 @@ class TokenSigner:
         self._key = key
         self._public = key.public_key()
 
-    def create(self, role: str, ttl: dt.timedelta, auto_enable: bool) -> tuple[str, TokenClaims]:
+    def create(self, role: str, ttl: dt.timedelta, auto_enable: bool,
+               transport: str = "auto") -> tuple[str, TokenClaims]:
         now = dt.datetime.now(dt.UTC)
         claims = TokenClaims(
             jti=secrets.token_hex(8),
             role=role,
             auto_enable=auto_enable,
             expires_at=(now + ttl).timestamp(),
+            transport=transport,
         )
         payload = {
             "iss": ISSUER,
@@ -75,6 +78,7 @@ class TokenSigner:
             "exp": int(claims.expires_at),
             "role": role,
             "auto_enable": auto_enable,
+            "transport": transport,
         }
         return jwt.encode(payload, self._key, algorithm=ALGORITHM), claims  # type: ignore[arg-type]
 
@@ -108,9 +112,14 @@ class TokenSigner:
         role = payload.get("role")
         if role not in wire.ROLES or not isinstance(payload.get("auto_enable"), bool):
             raise TokenError("join token lacks a valid role or auto_enable claim")
+        transport = payload.get("transport", "direct")  # tokens from before it was a claim
+        if transport not in wire.TRANSPORTS:
+            raise TokenError("join token's transport claim is not one of "
+                             f"{', '.join(wire.TRANSPORTS)}")
         return TokenClaims(
             jti=str(payload["jti"]),
             role=role,
             auto_enable=payload["auto_enable"],
             expires_at=float(payload["exp"]),
+            transport=transport,
         )

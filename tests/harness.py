@@ -188,6 +188,7 @@ class Libvirtd:
             f'cert_file = "{self.pki}/servercert.pem"',
             f'key_file = "{self.pki}/private/serverkey.pem"',
             f'restart_command = "{self.restart_script}"',
+            f'socket = "{self.sock_dir}/libvirt-sock"',
         ]
         lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
         return "\n".join(lines) + "\n"

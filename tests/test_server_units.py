@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from common import wire
+from common.relay import Relay
 from server import main as server_main_mod
 from server import memory
 from server.cli import build_parser as server_parser
@@ -25,7 +26,6 @@ from server.hosts import SWEEP_BATCH, HostStatus, derive
 from server.links.direct import DialError, Target, dial
 from server.links.manager import LinkManager, reported_kvm_problem
 from server.links.opener import LibvirtOpener, Needs, OpenError, OpenLink
-from server.links.relay import Relay
 from server.memory import GC_GROWTH, full_collection_due
 from server.model import Connection, Host, LinkState, Status, Token
 from server.ratelimit import RateLimiter

@@ -42,7 +42,7 @@ def create_admin_app(fleet: Fleet, links: LinkView, gateway: GatewayView,
     app.router.add_post("/v1/tokens/{jti}/revoke", revoke_token)
     app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_get("/v1/hosts/{ref}", show_host)
-    app.router.add_post("/v1/hosts/{ref}/{action:enable|disable|forget|set-role}", host_action)
+    app.router.add_post("/v1/hosts/{ref}/{action:enable|disable|forget|set-role|set-transport}", host_action)
     app.router.add_get("/v1/audit", list_audit)
     app.router.add_post("/v1/web/logins", create_web_login)
     app.router.add_get("/v1/web/sessions", list_web_sessions)
@@ -102,7 +102,8 @@ async def create_token(request: web.Request) -> web.Response:
     created = admin.create_token(
         fleet, actor_of(request), _field(body, "role", str, "mixed"),
         _field(body, "ttl", float, 3600.0), _field(body, "uses", int, 1),
-        _field(body, "auto_enable", bool, True), _field(body, "description", str, ""))
+        _field(body, "auto_enable", bool, True), _field(body, "description", str, ""),
+        _field(body, "transport", str, "auto"))
     return web.json_response({
         "join": created.join,
         "command": "virtfleet-agent join -",
@@ -134,8 +135,10 @@ async def host_action(request: web.Request) -> web.Response:
     fleet = fleet_of(request)
     host = admin.resolve_host(fleet, request.match_info["ref"])
     action = request.match_info["action"]
-    role = _field(await _body(request), "role", str, "") if action == "set-role" else ""
-    admin.act_on_host(fleet, actor_of(request), host, action, role)
+    body = await _body(request)
+    value = {"set-role": lambda: _field(body, "role", str, ""),
+             "set-transport": lambda: _field(body, "transport", str, "")}.get(action, str)()
+    admin.act_on_host(fleet, actor_of(request), host, action, value)
     if action == "forget":
         return web.json_response({"id": host.id, "forgotten": True})
     return web.json_response(host_detail(request, host.id))

@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.relay import Relay
 from server.links.direct import DialError, Stream
-from server.links.relay import Relay
 
 log = logging.getLogger(__name__)
 

@@ -46,11 +46,11 @@ class ConnectionGuard:
 
         def connection_made(handler: web.RequestHandler, transport: asyncio.Transport) -> None:
             made(handler, transport)
-            self._made(transport)
+            self.admit(transport)
 
         def connection_lost(handler: web.RequestHandler, exc: BaseException | None) -> None:
             if handler.transport is not None:
-                self._lost(handler.transport)
+                self.release(handler.transport)
             lost(handler, exc)
 
         def request_factory(message: Any, payload: Any, handler: web.RequestHandler,
@@ -66,18 +66,25 @@ class ConnectionGuard:
         server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
         server.request_factory = request_factory  # type: ignore[assignment]
 
-    def _made(self, transport: asyncio.Transport) -> None:
+    def admit(self, transport: asyncio.Transport) -> bool:
+        """Count a new connection against its address, or abort it (False) when the
+        address holds its share already; it must make its first request in time."""
         peer = transport.get_extra_info("peername")
         address = str(peer[0]) if peer else ""
         if self.per_address[address] >= self.max_per_address:
             self.refused["per_address_cap"] += 1
             transport.abort()
-            return
+            return False
         self.per_address[address] += 1
         self._address[transport] = address
         asyncio.get_running_loop().call_later(self.first_request_timeout, self._deadline, transport)
+        return True
 
-    def _lost(self, transport: asyncio.Transport) -> None:
+    def served(self, transport: asyncio.Transport) -> None:
+        """The connection proved itself (a tunnel, by its certificate): no deadline."""
+        self._served.add(transport)
+
+    def release(self, transport: asyncio.Transport) -> None:
         address = self._address.pop(transport, None)
         if address is None:
             return

@@ -20,13 +20,19 @@ from cryptography import x509
 
 from server.ca import host_dns_name
 
+DEFAULT_TLS_PORT = 16514
 HANDSHAKE_TIMEOUT = 10.0  # TCP connect, TLS handshake and libvirtd's verdict on us
 READ_LIMIT = 256 * 1024  # bytes a relayed direction buffers before it stops reading
 
 
 class DialError(Exception):
     """The host's libvirtd cannot be reached; the message says why, for the operator.
-    `public` is what the host itself may be told (no port scanner: see fleet.checkin)."""
+    `unreachable`: nothing answered at its TLS port (no route, refused, no answer in
+    time), as behind NAT or a firewall, rather than a wrong answer."""
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,19 @@ class Target:
     address: str
     port: int
     serials: tuple[str, ...]  # libvirtd certificates the server accepts from it
+    tunnel: bool = False  # reached through the tunnel the host's agent keeps open
 
     @property
     def where(self) -> str:
+        if self.tunnel:
+            return "the host's tunnel"
         return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+
+    @property
+    def uri(self) -> str:
+        """What the operator is shown as the connection's address."""
+        return "qemu+unix:///system through the host's tunnel" if self.tunnel \
+            else f"qemu+tls://{self.where}/system"
 
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -54,7 +69,7 @@ async def dial(target: Target, ctx: ssl.SSLContext,
         return await asyncio.wait_for(_dial(target, ctx), timeout)
     except TimeoutError:
         raise DialError(f"no answer from libvirtd at {target.where} within {timeout:g} s: "
-                        "is the host reachable from the server?") from None
+                        "is the host reachable from the server?", unreachable=True) from None
 
 
 async def _dial(target: Target, ctx: ssl.SSLContext) -> tuple[Stream, str]:
@@ -63,12 +78,14 @@ async def _dial(target: Target, ctx: ssl.SSLContext) -> tuple[Stream, str]:
                                                        server_hostname=None, limit=READ_LIMIT)
     except ConnectionRefusedError:
         raise DialError(f"libvirtd is not listening for TLS at {target.where} (connection "
-                        "refused): is libvirtd running with its TLS listener?") from None
+                        "refused): is libvirtd running with its TLS listener?",
+                        unreachable=True) from None
     except ssl.SSLError as exc:
         raise DialError(f"TLS refused between the server and libvirtd at {target.where}: "
                         f"{exc.reason or exc}") from None
     except OSError as exc:
-        raise DialError(f"cannot reach {target.where}: {exc.strerror or exc}") from None
+        raise DialError(f"cannot reach {target.where}: {exc.strerror or exc}",
+                        unreachable=True) from None
     try:
         serial = check_peer(writer.get_extra_info("ssl_object"), target)
         verdict = await reader.read(1)

@@ -31,12 +31,18 @@ from server.model import AdminState, Connection, Host, LinkState, Status
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TLS_PORT = 16514
-
-
 class Opener(Protocol):
     async def open(self, target: Target, needs: Needs) -> OpenLink: ...
     async def close(self, link: OpenLink) -> None: ...
+
+
+class Ways(Protocol):
+    """Which way reaches a host (links/routes.Routes)."""
+
+    def target(self, host: Host) -> Target: ...
+    def waiting(self, host: Host) -> str | None: ...
+    def note_unreachable(self, host: Host, reason: str) -> bool: ...
+    def describe(self, host: Host) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -68,13 +74,6 @@ def may_dial(host: Host | None) -> bool:
         host, "offline" if host.status == Status.OFFLINE else None) is None
 
 
-def target_of(host: Host) -> Target:
-    endpoint = host.report.libvirt_endpoint
-    return Target(host_id=host.id, address=host.address,
-                  port=endpoint.port if endpoint else DEFAULT_TLS_PORT,
-                  serials=host.libvirt_serials)
-
-
 def needs_of(host: Host) -> Needs:
     return Needs(role=host.role, kvm_problem=reported_kvm_problem(host.report.facts))
 
@@ -89,13 +88,14 @@ def reported_kvm_problem(facts: dict[str, Any]) -> str:
 
 
 class LinkManager:
-    def __init__(self, opener: Opener, host_of: Callable[[str], Host | None],
+    def __init__(self, opener: Opener, ways: Ways, host_of: Callable[[str], Host | None],
                  states: dict[str, Connection], on_change: Callable[[str], object],
                  on_served: Callable[[str, str], object] = lambda _id, _serial: None) -> None:
-        """`states`: where each host's connection state is kept for the status rule to
-        read; `on_change(host_id)` after each change of it; `on_served(host_id, serial)`
-        after a link opened with that libvirtd certificate."""
+        """`ways`: the way to each host; `states`: where each host's connection state is
+        kept for the status rule to read; `on_change(host_id)` after each change of it;
+        `on_served(host_id, serial)` after a link opened with that libvirtd certificate."""
         self.opener = opener
+        self.ways = ways
         self.host_of = host_of
         self.states = states
         self.on_change = on_change
@@ -107,12 +107,14 @@ class LinkManager:
     # -- what the rest of the server reads ------------------------------------------
 
     def describe(self, host_id: str) -> dict[str, Any]:
+        host = self.host_of(host_id)
+        transport = {"transport": self.ways.describe(host)} if host is not None else {}
         link = self.links.get(host_id)
         if link is None:
-            return {"state": "closed"}
+            return {"state": "closed"} | transport
         state = self.states.get(host_id)
         opened = link.opened
-        return {
+        return transport | {
             "state": state.state if state else "waiting",
             "uri": opened.uri if opened else "",
             "connected_since": link.connected_since,
@@ -190,6 +192,16 @@ class LinkManager:
                     link.idle = False
                     continue
                 assert host is not None
+                waiting = self.ways.waiting(host)
+                if waiting is not None:
+                    # An error once something failed (a tunnel lost, say); a new host's
+                    # first wait for its tunnel is only connecting.
+                    self._set(link, Connection(LinkState.ERROR if link.last_error
+                                               else LinkState.CONNECTING, waiting))
+                    link.idle = True
+                    await link.wake.wait()  # a tunnel opening wakes it
+                    link.idle = False
+                    continue
                 if await self._open(link, host):
                     backoff.reset()
                     await self._wait_closed(link, host)
@@ -201,11 +213,15 @@ class LinkManager:
                 await asyncio.shield(self.opener.close(opened))
 
     async def _open(self, link: Link, host: Host) -> bool:
-        target = target_of(host)
-        self._set(link, Connection(LinkState.CONNECTING, f"opening qemu+tls://{target.where}/system"))
+        target = self.ways.target(host)
+        self._set(link, Connection(LinkState.CONNECTING, f"opening {target.uri}"))
         try:
             opened = await self.opener.open(target, needs_of(host))
         except OpenError as exc:
+            if exc.unreachable and self.ways.note_unreachable(host, str(exc)):
+                self._set(link, Connection(LinkState.CONNECTING, f"{exc}; asking the host's "
+                                                                 "agent to open a tunnel instead"))
+                return False
             link.tries += 1
             self.counts.failures += 1
             self._fail(link, str(exc))
@@ -216,7 +232,8 @@ class LinkManager:
                                                      f"{opened.remote_version}, role {host.role})"))
         event(log, "connection_open", "host %s: libvirt connection open at %s", host.hostname,
               opened.uri, host_id=link.host_id)
-        self.on_served(link.host_id, opened.serial)
+        if opened.serial:
+            self.on_served(link.host_id, opened.serial)
         return True
 
     async def _wait_closed(self, link: Link, host: Host) -> None:

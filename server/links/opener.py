@@ -29,9 +29,9 @@ from typing import Any
 import libvirt
 
 from common import libvirt_events
+from common.relay import Relay
 from common.versions import version_text
 from server.links.direct import DialError, Stream, Target, dial
-from server.links.relay import Relay
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,12 @@ CLOSE_REASONS = {
 
 
 class OpenError(Exception):
-    """The link could not be opened; the message says why, for the operator."""
+    """The link could not be opened; the message says why, for the operator.
+    `unreachable`: nothing answered at the host's TLS port (DialError's)."""
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 @dataclass
@@ -113,7 +118,7 @@ class LibvirtOpener:
         try:
             stream, serial = await self._dial(target, self._ctx)
         except DialError as exc:
-            raise OpenError(str(exc)) from None
+            raise OpenError(str(exc), exc.unreachable) from None
         link = await self._open_relayed(target, stream, serial)
         try:
             problem = await self._call(link, self._role_problem, link.conn, needs)
@@ -150,7 +155,7 @@ class LibvirtOpener:
             listener.close()
             path.unlink(missing_ok=True)
         relay = accepted.result()
-        link = OpenLink(conn=conn, relay=relay, uri=f"qemu+tls://{target.where}/system",
+        link = OpenLink(conn=conn, relay=relay, uri=target.uri,
                         remote_version="", serial=serial)
         try:
             await self._watch(link, tasks[0])

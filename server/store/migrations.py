@@ -126,4 +126,10 @@ SQLITE_MIGRATIONS = [
         revoked_at REAL
     );
     """,
+    # 9: how the server reaches each host's libvirtd (wire.TRANSPORTS), chosen by its
+    # token and changed by `hosts set-transport`; tokens and hosts from before dialled.
+    """
+    ALTER TABLE tokens ADD COLUMN transport TEXT NOT NULL DEFAULT 'direct';
+    ALTER TABLE hosts ADD COLUMN transport TEXT NOT NULL DEFAULT 'direct';
+    """,
 ]

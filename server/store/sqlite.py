@@ -54,7 +54,7 @@ _HOST_COLUMNS = {f.name: ("report" if f.name == "report_text" else f.name)
                  for f in fields(Host) if not f.name.startswith("_")}
 _UPDATABLE = {"admin_state", "role_override", "cert_serial", "cert_not_after",
               "prev_cert_serial", "libvirt_cert_serial", "libvirt_cert_not_after",
-              "libvirt_cert_address", "prev_libvirt_cert_serial"}
+              "libvirt_cert_address", "prev_libvirt_cert_serial", "transport"}
 
 
 class SqliteStore:
@@ -116,9 +116,10 @@ class SqliteStore:
 
     def add_token(self, token: Token) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO tokens VALUES (?,?,?,?,?,?,?,?,?)",
+            db.execute("INSERT INTO tokens VALUES (?,?,?,?,?,?,?,?,?,?)",
                        (token.jti, token.role, token.auto_enable, token.max_uses, token.uses,
-                        token.created_at, token.expires_at, token.revoked_at, token.description))
+                        token.created_at, token.expires_at, token.revoked_at, token.description,
+                        token.transport))
 
     def get_token(self, jti: str) -> Token | None:
         row = self.db.execute("SELECT * FROM tokens WHERE jti=?", (jti,)).fetchone()

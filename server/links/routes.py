@@ -1,0 +1,89 @@
+"""Which way reaches each host's libvirtd, and the one dial every libvirt connection to a
+host goes through: the link manager's and each gateway client's alike.
+
+A host's transport (wire.TRANSPORTS) is chosen by its join token and changed with
+`hosts set-transport`:
+- `direct`: TLS to the port its agent reported (links/direct.py);
+- `tunnel`: a stream through the tunnel its agent keeps open (links/tunnels.py);
+- `auto`: direct, until its TLS port cannot be reached from the server (nothing
+  answers: NAT, a firewall); then the check-in answer asks the agent for a tunnel, and
+  the host stays on it while this server runs. A tunnel already open (the agent was
+  asked before a restart) is used at once. A wrong answer at the TLS port (another
+  host's certificate, TLS refused) is an error to show, never a reason to switch.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from server.links.direct import DEFAULT_TLS_PORT, Stream, Target, dial
+from server.links.tunnels import Tunnels
+from server.model import Host, Transport
+
+
+class Routes:
+    def __init__(self, tunnels: Tunnels) -> None:
+        self.tunnels = tunnels
+        self.unreachable: dict[str, str] = {}  # auto hosts whose TLS port did not answer: why
+
+    def via_tunnel(self, host: Host) -> bool:
+        if host.transport == Transport.TUNNEL:
+            return True
+        if host.transport == Transport.AUTO:
+            return (host.id in self.unreachable or self.tunnels.up(host.id)
+                    or host.report.libvirt_endpoint is None)
+        return False
+
+    def can_route(self, host: Host) -> bool:
+        """Whether the server knows a way to the host at all (a direct host must have said
+        where its libvirtd listens)."""
+        return host.transport != Transport.DIRECT or host.report.libvirt_endpoint is not None
+
+    def target(self, host: Host) -> Target:
+        endpoint = host.report.libvirt_endpoint
+        return Target(host_id=host.id, address=host.address,
+                      port=endpoint.port if endpoint else DEFAULT_TLS_PORT,
+                      serials=host.libvirt_serials, tunnel=self.via_tunnel(host))
+
+    def waiting(self, host: Host) -> str | None:
+        """Why the host cannot be dialled yet because its tunnel is not open, or None."""
+        if not self.via_tunnel(host) or self.tunnels.up(host.id):
+            return None
+        closed = self.tunnels.last_closed.get(host.id)
+        if closed:
+            return f"the host's tunnel closed ({closed}); waiting for its agent to open it again"
+        because = self.unreachable.get(host.id)
+        return ("waiting for the host's agent to open its tunnel (asked at its next check-in)"
+                + (f"; direct was tried: {because}" if because else ""))
+
+    def note_unreachable(self, host: Host, reason: str) -> bool:
+        """A direct dial found nothing at the TLS port: an auto host turns to its tunnel
+        (True)."""
+        if host.transport != Transport.AUTO:
+            return False
+        self.unreachable[host.id] = reason
+        return True
+
+    def forget(self, host_id: str) -> None:
+        self.unreachable.pop(host_id, None)
+
+    async def dial(self, target: Target, ctx: ssl.SSLContext) -> tuple[Stream, str]:
+        """A stream to the host's libvirtd, and the serial of the libvirtd certificate it
+        served ("" through a tunnel: the tunnel's own certificate proved the host)."""
+        if target.tunnel:
+            return await self.tunnels.open_stream(target.host_id), ""
+        return await dial(target, ctx)
+
+    def describe(self, host: Host) -> dict[str, Any]:
+        """The host's transport, for `hosts show`."""
+        tunnel = self.tunnels.describe(host.id)
+        shown: dict[str, Any] = {"mode": host.transport,
+                                 "in_use": "tunnel" if self.via_tunnel(host) else "direct",
+                                 "tunnel": tunnel}
+        if host.id in self.unreachable:
+            shown["why_tunnel"] = f"the TLS port could not be reached: {self.unreachable[host.id]}"
+        if tunnel is None and host.id in self.tunnels.last_closed:
+            shown["tunnel_closed"] = self.tunnels.last_closed[host.id]
+        return shown
+
