@@ -50,8 +50,10 @@ def dial_blocker(host: Host, silent: str | None) -> tuple[Status, str] | None:
     libvirtd = host.report.libvirtd
     if not libvirtd.ok:
         return Status.ERROR, f"libvirtd is down on the host: {libvirtd.error or 'no answer'}"
-    if host.report.libvirt_endpoint is None and host.transport == Transport.DIRECT:
-        return Status.CONNECTING, "waiting for the agent to report libvirtd's TLS endpoint"
+    if host.report.libvirt_endpoint is None and host.transport != Transport.TUNNEL:
+        return Status.CONNECTING, ("waiting for the agent to report libvirtd's TLS endpoint (an "
+                                   "agent with configure_tls = false is reached only through a "
+                                   "tunnel: hosts set-transport ID tunnel)")
     return None
 
 

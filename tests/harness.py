@@ -384,17 +384,35 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
 
+NAT_RULES = """\
+table ip nat {
+    chain postrouting {
+        type nat hook postrouting priority srcnat;
+        oifname "wan" masquerade
+    }
+}
+"""
+
+
 class Network:
     """Test hosts in network namespaces: one for the server, holding a bridge, and one per
     host, joined to it by a veth pair. Addresses are made up inside 198.18.0.0/24 (the
-    benchmarking range) and exist only in these namespaces."""
+    benchmarking range) and exist only in these namespaces.
+
+    A NATed host (`add_natted_host`) sits on a private network, 10.99.0.0/24, behind a
+    router namespace that masquerades (nftables) what leaves through its side on the
+    server's bridge: the host reaches the server, and the server, which has no route to
+    the private network, sees only the router's address and cannot reach the host."""
 
     SUBNET = "198.18.0"
+    PRIVATE = "10.99.0"
 
     def __init__(self, tag: str) -> None:
         self.tag = tag
         self.server_ns = f"{tag}-srv"
         self.server_address = f"{self.SUBNET}.1"
+        self.router_ns: str | None = None
+        self.router_address = f"{self.SUBNET}.2"
         self.hosts: dict[str, str] = {}  # namespace -> address
         ip("netns", "add", self.server_ns)
         ip("-n", self.server_ns, "link", "set", "lo", "up")
@@ -415,11 +433,49 @@ class Network:
         self.hosts[ns] = address
         return ns, address
 
+    def _router(self) -> str:
+        if self.router_ns is None:
+            ns = f"{self.tag}-nat"
+            ip("netns", "add", ns)
+            self.router_ns = ns
+            ip("-n", ns, "link", "set", "lo", "up")
+            ip("link", "add", "name", "wan", "netns", ns, "type", "veth", "peer", "name", "nat",
+               "netns", self.server_ns)
+            ip("-n", self.server_ns, "link", "set", "nat", "master", "br0", "up")
+            ip("-n", ns, "addr", "add", f"{self.router_address}/24", "dev", "wan")
+            ip("-n", ns, "link", "set", "wan", "up")
+            ip("-n", ns, "link", "add", "lan", "type", "bridge")
+            ip("-n", ns, "addr", "add", f"{self.PRIVATE}.1/24", "dev", "lan")
+            ip("-n", ns, "link", "set", "lan", "up")
+            in_ns = ["ip", "netns", "exec", ns]
+            subprocess.run([*in_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True,
+                           timeout=10)
+            subprocess.run([*in_ns, "nft", "-f", "-"], check=True, timeout=10, text=True,
+                           input=NAT_RULES)
+        return self.router_ns
+
+    def add_natted_host(self) -> tuple[str, str]:
+        router = self._router()
+        index = len(self.hosts) + 1
+        ns, address = f"{self.tag}-h{index}", f"{self.PRIVATE}.{10 + index}"
+        ip("netns", "add", ns)
+        ip("-n", ns, "link", "set", "lo", "up")
+        ip("link", "add", "name", "eth0", "netns", ns, "type", "veth", "peer", "name", f"h{index}",
+           "netns", router)
+        ip("-n", router, "link", "set", f"h{index}", "master", "lan", "up")
+        ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+        ip("-n", ns, "link", "set", "eth0", "up")
+        ip("-n", ns, "route", "add", "default", "via", f"{self.PRIVATE}.1")
+        self.hosts[ns] = address
+        return ns, address
+
     def link(self, ns: str, up: bool) -> None:
         ip("-n", ns, "link", "set", "eth0", "up" if up else "down")
+        if up and self.hosts[ns].startswith(f"{self.PRIVATE}."):  # down lost its routes
+            ip("-n", ns, "route", "replace", "default", "via", f"{self.PRIVATE}.1")
 
     def close(self) -> None:
-        for ns in [*self.hosts, self.server_ns]:
+        for ns in [*self.hosts, *([self.router_ns] if self.router_ns else []), self.server_ns]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
@@ -432,13 +488,14 @@ class Fleet:
     base: Path
     hosts: list[tuple[str, Libvirtd, Agent]] = field(default_factory=list)  # (ns, libvirtd, agent)
 
-    def add_host(self, name: str, join: bool = True) -> tuple[str, Libvirtd, Agent]:
-        ns, address = self.net.add_host()
+    def add_host(self, name: str, join: bool = True, natted: bool = False,
+                 token_args: tuple[str, ...] = ()) -> tuple[str, Libvirtd, Agent]:
+        ns, address = self.net.add_natted_host() if natted else self.net.add_host()
         lv = Libvirtd(self.base / name / "libvirtd", free_port(), listen_addr=address, netns=ns)
         lv.start()
         agent = Agent(self.base / name, lv.agent_config(), netns=ns, hostname=name)
         if join:
-            result = agent.join(self.server.token())
+            result = agent.join(self.server.token(*token_args))
             assert result.returncode == 0, result.stderr
             agent.start()
         entry = (ns, lv, agent)

@@ -26,6 +26,8 @@ from server.hosts import SWEEP_BATCH, HostStatus, derive
 from server.links.direct import DialError, Target, dial
 from server.links.manager import LinkManager, reported_kvm_problem
 from server.links.opener import LibvirtOpener, Needs, OpenError, OpenLink
+from server.links.routes import Routes
+from server.links.tunnels import Tunnels
 from server.memory import GC_GROWTH, full_collection_due
 from server.model import Connection, Host, LinkState, Status, Token
 from server.ratelimit import RateLimiter
@@ -308,19 +310,24 @@ class FakeConn:
 
 
 class FakeOpener:
-    """Opens as told: `plan` is a list of "fail", "hang" or "ok", one per attempt."""
+    """Opens as told: `plan` is a list of "fail", "unreachable" (nothing answers at the
+    TLS port), "hang" or "ok", one per attempt; `targets` are the ones it was asked for."""
 
     def __init__(self, plan: list[str]) -> None:
         self.plan = plan
         self.attempts = 0
         self.opened: list[OpenLink] = []
         self.closed: list[OpenLink] = []
+        self.targets: list[Target] = []
 
     async def open(self, target: Target, needs: Needs) -> OpenLink:
         step = self.plan[min(self.attempts, len(self.plan) - 1)]
         self.attempts += 1
+        self.targets.append(target)
         if step == "fail":
             raise OpenError(f"connection refused at {target.where}")
+        if step == "unreachable":
+            raise OpenError(f"no answer from libvirtd at {target.where}", unreachable=True)
         if step == "hang":
             await asyncio.Event().wait()
         link = OpenLink(conn=FakeConn(), relay=None, uri=f"qemu+tls://{target.where}/system",  # type: ignore[arg-type]
@@ -333,15 +340,18 @@ class FakeOpener:
         self.closed.append(link)
 
 
-def run_manager(plan: list[str], scenario: Any) -> tuple[FakeOpener, list[Connection]]:
-    """Run `scenario(manager, states, host)` against a manager with a fake opener."""
+def run_manager(plan: list[str], scenario: Any,
+                host: Host | None = None) -> tuple[FakeOpener, list[Connection]]:
+    """Run `scenario(manager, states, host)` against a manager with a fake opener (and the
+    real routes, over tunnels that a test fakes by what it puts in `tunnels.links`)."""
     opener = FakeOpener(plan)
-    host = make_host(libvirt_cert_serial="a1")
+    host = host or make_host(libvirt_cert_serial="a1")
     seen: list[Connection] = []
     states: dict[str, Connection] = {}
 
     async def main() -> None:
-        manager = LinkManager(opener, lambda _id: host, states,
+        routes = Routes(Tunnels(lambda _serial: host, on_change=lambda _id: None))
+        manager = LinkManager(opener, routes, lambda _id: host, states,
                               on_change=lambda hid: seen.append(states[hid]) if hid in states else None)
         manager.start([host])
         try:
@@ -395,6 +405,73 @@ def test_a_closed_link_is_reported_lost_and_reopened() -> None:
     assert len(opener.opened) == 2 and opener.closed[0] is opener.opened[0]
     lost = [s for s in seen if s.state == LinkState.ERROR]
     assert len(lost) == 1 and "libvirt connection lost: no keepalive answer" in lost[0].detail
+
+
+def tunnel_up(manager: LinkManager, host: Host) -> None:
+    """As if the host's agent opened its tunnel (links/tunnels.py), and the server was told."""
+    routes = manager.ways
+    assert isinstance(routes, Routes)
+    routes.tunnels.links[host.id] = object()  # type: ignore[assignment]
+    manager.host_changed(host.id, libvirtd_recovered=True, host=host)
+
+
+def test_a_tunnel_host_waits_for_its_tunnel_then_opens_through_it() -> None:
+    async def scenario(manager: LinkManager, states: dict[str, Connection], host: Host) -> None:
+        await until(lambda: "h1" in states, "a state")
+        assert states["h1"].state == LinkState.CONNECTING
+        assert "waiting for the host's agent to open its tunnel" in states["h1"].detail
+        tunnel_up(manager, host)
+        await until(lambda: online_conn(manager, states, "h1") is not None, "online")
+
+    host = make_host(report(endpoint=False), transport="tunnel")
+    opener, _ = run_manager(["ok"], scenario, host)
+    assert [t.tunnel for t in opener.targets] == [True]  # never dialled directly
+
+
+def test_an_auto_host_whose_tls_port_does_not_answer_turns_to_its_tunnel() -> None:
+    async def scenario(manager: LinkManager, states: dict[str, Connection], host: Host) -> None:
+        await until(lambda: "h1" in states and "waiting" in states["h1"].detail, "the wait")
+        assert states["h1"].state == LinkState.CONNECTING  # not an error: it is on its way
+        assert "direct was tried: no answer from libvirtd" in states["h1"].detail
+        tunnel_up(manager, host)
+        await until(lambda: online_conn(manager, states, "h1") is not None, "online")
+
+    host = make_host(libvirt_cert_serial="a1", transport="auto")
+    opener, _ = run_manager(["unreachable", "ok"], scenario, host)
+    assert [t.tunnel for t in opener.targets] == [False, True]
+
+
+def test_an_auto_host_whose_tls_port_answers_wrongly_stays_direct_and_shows_the_error() -> None:
+    async def scenario(manager: LinkManager, states: dict[str, Connection], host: Host) -> None:
+        await until(lambda: states.get("h1", ONLINE).state == LinkState.ERROR, "the error")
+        assert "connection refused" in states["h1"].detail
+
+    host = make_host(libvirt_cert_serial="a1", transport="auto")
+    opener, _ = run_manager(["fail"], scenario, host)
+    assert {t.tunnel for t in opener.targets} == {False}
+
+
+def test_a_lost_tunnel_is_an_error_until_the_agent_opens_it_again() -> None:
+    async def scenario(manager: LinkManager, states: dict[str, Connection], host: Host) -> None:
+        tunnel_up(manager, host)
+        await until(lambda: online_conn(manager, states, "h1") is not None, "online")
+        routes = manager.ways
+        assert isinstance(routes, Routes)
+        del routes.tunnels.links["h1"]
+        routes.tunnels.last_closed["h1"] = "no answer from the peer for 7 s"
+        first = manager.links["h1"].opened
+        assert first is not None
+        first.close_reason = "no keepalive answer"
+        first.closed.set()
+        await until(lambda: "tunnel closed" in states["h1"].detail, "the tunnel's loss shown")
+        assert states["h1"].state == LinkState.ERROR
+        assert "no answer from the peer for 7 s" in states["h1"].detail
+        tunnel_up(manager, host)
+        await until(lambda: online_conn(manager, states, "h1") not in (None, first.conn), "back")
+
+    host = make_host(report(endpoint=False), transport="tunnel")
+    opener, _ = run_manager(["ok"], scenario, host)
+    assert len(opener.opened) == 2
 
 
 def test_disabling_a_host_while_its_open_hangs_stops_at_once() -> None:

@@ -135,9 +135,9 @@ async def host_action(request: web.Request) -> web.Response:
     fleet = fleet_of(request)
     host = admin.resolve_host(fleet, request.match_info["ref"])
     action = request.match_info["action"]
-    body = await _body(request)
-    value = {"set-role": lambda: _field(body, "role", str, ""),
-             "set-transport": lambda: _field(body, "transport", str, "")}.get(action, str)()
+    # set-role and set-transport say what to: {"role": ...}, {"transport": ...}
+    field = {"set-role": "role", "set-transport": "transport"}.get(action)
+    value = _field(await _body(request), field, str, "") if field else ""
     admin.act_on_host(fleet, actor_of(request), host, action, value)
     if action == "forget":
         return web.json_response({"id": host.id, "forgotten": True})

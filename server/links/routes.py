@@ -7,7 +7,9 @@ A host's transport (wire.TRANSPORTS) is chosen by its join token and changed wit
 - `tunnel`: a stream through the tunnel its agent keeps open (links/tunnels.py);
 - `auto`: direct, until its TLS port cannot be reached from the server (nothing
   answers: NAT, a firewall); then the check-in answer asks the agent for a tunnel, and
-  the host stays on it while this server runs. A tunnel already open (the agent was
+  the host stays on it while this server runs. Like a direct host, it is dialled once
+  its agent reports libvirtd's TLS port (one with `configure_tls = false` never does:
+  give it a `tunnel` token). A tunnel already open (the agent was
   asked before a restart) is used at once. A wrong answer at the TLS port (another
   host's certificate, TLS refused) is an error to show, never a reason to switch.
 """
@@ -28,17 +30,17 @@ class Routes:
         self.unreachable: dict[str, str] = {}  # auto hosts whose TLS port did not answer: why
 
     def via_tunnel(self, host: Host) -> bool:
+        """(Every check-in's answer asks: no look at the stored report here.)"""
         if host.transport == Transport.TUNNEL:
             return True
         if host.transport == Transport.AUTO:
-            return (host.id in self.unreachable or self.tunnels.up(host.id)
-                    or host.report.libvirt_endpoint is None)
+            return host.id in self.unreachable or self.tunnels.up(host.id)
         return False
 
     def can_route(self, host: Host) -> bool:
-        """Whether the server knows a way to the host at all (a direct host must have said
-        where its libvirtd listens)."""
-        return host.transport != Transport.DIRECT or host.report.libvirt_endpoint is not None
+        """Whether the server knows a way to the host at all (only a tunnel host need not
+        have said where its libvirtd listens)."""
+        return host.transport == Transport.TUNNEL or host.report.libvirt_endpoint is not None
 
     def target(self, host: Host) -> Target:
         endpoint = host.report.libvirt_endpoint
