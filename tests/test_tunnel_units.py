@@ -9,12 +9,12 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent.tunnel import TunnelKeeper
 from common import tunnel
+from tests.test_server_units import until
 
 Scenario = Callable[[tunnel.H2Link, tunnel.H2Link], Awaitable[None]]
 
@@ -68,15 +68,9 @@ def test_streams_carry_bytes_both_ways_intact_and_end_cleanly() -> None:
             assert await r.readexactly(len(b"stream %d" % i)) == b"stream %d" % i
         for _r, w in many:
             w.transport.abort()
-        await wait(lambda: not server.streams and not agent.streams, "every stream gone")
+        await until(lambda: not server.streams and not agent.streams, "every stream gone")
 
     run(scenario)
-
-
-async def wait(condition: Callable[[], Any], what: str, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 def test_a_reader_that_does_not_read_holds_its_sender_back() -> None:
