@@ -50,6 +50,10 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true",
                         help="leave it running until Ctrl-C or SIGTERM, then clean up")
+    parser.add_argument("--transport", choices=("direct", "tunnel", "auto"), default="auto",
+                        help="the join token's transport (default auto, which picks direct "
+                             "here): tunnel carries libvirt through a connection the agent "
+                             "opens, and libvirtd listens on no TCP port")
     parser.add_argument("--dir", type=Path,
                         help="work directory (default: a new temp dir); what the demo "
                              "creates in it is removed on exit, what was there stays")
@@ -62,7 +66,7 @@ def main() -> int:
     made: list[Path] = []  # what to remove at the end: filled before anything is made
     try:
         work = workdir(args.dir, made)
-        return demo(work, args.keep)
+        return demo(work, args.keep, args.transport)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping everything", file=sys.stderr, flush=True)
         return 130
@@ -114,7 +118,7 @@ def clean_up(made: list[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
-def demo(work: Path, keep: bool) -> int:
+def demo(work: Path, keep: bool, transport: str) -> int:
     role = pick_role()
     print(f"virtfleet demo in {work}")
     print(f"role: {role} ("
@@ -131,8 +135,9 @@ def demo(work: Path, keep: bool) -> int:
         libvirtd.start()
         step(f"starting virtfleet-server on {server.url} (state in {server.state})")
         server.start()
-        step(f"virtfleet-server token create --role {role} --ttl 1h --uses 1")
-        join = server.token("--role", role, "--ttl", "1h", "--uses", "1")
+        step(f"virtfleet-server token create --role {role} --ttl 1h --uses 1 "
+             f"--transport {transport}")
+        join = server.token("--role", role, "--ttl", "1h", "--uses", "1", "--transport", transport)
         print(f"virtfleet-agent join '{join[:40]}…'")
         started = time.monotonic()
         step("on the host: virtfleet-agent join (keys made locally, CA checked against the pin)")
@@ -151,7 +156,14 @@ def demo(work: Path, keep: bool) -> int:
                   f"{agent.proc.log_path if agent.proc else ''}", file=sys.stderr)
             return 1
         elapsed = time.monotonic() - started
-        step(f"online over qemu+tls, {elapsed:.2f} s after `join` started")
+        way = server.host(host_id)["connection"]["transport"]["in_use"]
+        step(f"online over {'the tunnel the agent opened' if way == 'tunnel' else 'qemu+tls'}, "
+             f"{elapsed:.2f} s after `join` started")
+        if way == "tunnel":
+            listening = subprocess.run(["ss", "-Hltn", f"sport = :{libvirtd.tls_port}"],
+                                       capture_output=True, text=True, timeout=10).stdout.strip()
+            print(f"libvirtd's TLS port {libvirtd.tls_port}: "
+                  + ("listening?!" if listening else "not listening (libvirtd has no TCP port)"))
         print(server.admin("hosts", "list").stdout)
         print(server.admin("hosts", "show", host_id).stdout, flush=True)
         if not start_desktop(work, server, libvirtd, host_id, role):
