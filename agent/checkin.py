@@ -200,7 +200,8 @@ class StatusBook:
         if outcome.answer is not None:
             fields |= {"status": outcome.answer.status, "detail": outcome.answer.detail,
                        "last_success": now, "sent": "heartbeat" if outcome.heartbeat else "report",
-                       "interval": clamp_interval(outcome.answer.checkin_interval)}
+                       "interval": clamp_interval(outcome.answer.checkin_interval),
+                       "tunnel_wanted": outcome.answer.tunnel}
             if not outcome.heartbeat:
                 fields["report_at"] = now
         self.last = self.last | fields

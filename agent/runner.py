@@ -109,6 +109,10 @@ class Runner:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.book.last.get("tunnel_wanted"):
+            # The server asked for one last time (or at `join`): open it alongside the first
+            # check-in rather than after it (a restart, a join: the host is online sooner).
+            self._want_tunnel(True)
         self.certs.start()
         assert self.certs.task is not None
         self._tasks = [asyncio.create_task(self._checkin_loop(), name="checkin"),

@@ -1,6 +1,7 @@
 """bench/run [--quick] [--profile FILE] [NAME ...]: the benchmarks, one Markdown table each,
 under a header saying when, on what machine and at which commit (what bench/README.md
-keeps). NAME: capacity, join, detect, footprint, burst, gateway (default: all, in that order).
+keeps). NAME: capacity, join, detect, footprint, burst, gateway, tunnel (default: all, in that
+order).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import psutil
 
 from bench.util import interrupt_on_sigterm, kill_processes_using, remove_network_namespaces
 
-NAMES = ("capacity", "join", "detect", "footprint", "burst", "gateway")
+NAMES = ("capacity", "join", "detect", "footprint", "burst", "gateway", "tunnel")
 
 
 def machine() -> str:
@@ -72,7 +73,7 @@ def leftovers(work: str) -> None:
     from the work dir, and the network namespaces named after this process
     (tests/harness.py's Network, tagged vf?PID by each benchmark)."""
     killed = kill_processes_using(work)
-    spaces = remove_network_namespaces(rf"vf[a-z]{os.getpid() % 10000}-(srv|h[0-9]+)")
+    spaces = remove_network_namespaces(rf"vf[a-z]{os.getpid() % 10000}-(srv|nat|h[0-9]+)")
     if killed or spaces:
         print(f"bench/run: stopped {len(killed)} leftover processes, removed network "
               f"namespaces {spaces}", file=sys.stderr, flush=True)

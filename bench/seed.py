@@ -23,15 +23,16 @@ from server.main import build
 ADDRESS = "127.0.0.1"  # where the load generator checks in from
 
 
-def seed_hosts(state_dir: Path, identities: Path, count: int, report: wire.Report) -> None:
+def seed_hosts(state_dir: Path, identities: Path, count: int, report: wire.Report,
+               transport: str = "auto", enable: bool = True) -> None:
     """Enroll `count` hosts; write identities/ca.crt and identities/N.pem for each."""
     logging.getLogger("server").setLevel(logging.WARNING)  # 10,000 "enrolled" lines is noise
     identities.mkdir(parents=True, exist_ok=True)
     parts = build(ServerConfig(state_dir=state_dir))
     fleet = parts.fleet
     try:
-        token = fleet.create_token("mixed", ttl=3600, uses=count, auto_enable=True,
-                                   description="bench seed").token
+        token = fleet.create_token("mixed", ttl=3600, uses=count, auto_enable=enable,
+                                   description="bench seed", transport=transport).token
         (identities / "ca.crt").write_text(fleet.identity_ca.cert_pem)
         for i in range(count):
             key = pki.new_key()
