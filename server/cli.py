@@ -33,7 +33,7 @@ from server.config import (
     web_problem,
 )
 from server.store import DEFAULT_AUDIT_RETENTION
-from server.views import describe_facts, short
+from server.views import describe_facts, describe_transport, short
 
 EPILOG = """\
 examples:
@@ -467,7 +467,7 @@ def render_host(h: dict[str, Any]) -> str:
         + (f", libvirt {conn['remote_libvirt_version']}" if conn.get("remote_libvirt_version") else "")
         + (f", since {when(conn['connected_since'])}" if conn.get("connected_since") else ""),
     ]
-    lines.append(f"  transport:     {render_transport(conn.get('transport') or {})}")
+    lines.append(f"  transport:     {describe_transport(conn.get('transport') or {})}")
     gateway = h.get("gateway") or {}
     lines.append(f"  gateway:       {h.get('gateway_uri')} ({gateway.get('open', 0)} open, "
                  f"{gateway.get('accepted', 0)} relayed, {gateway.get('refused', 0)} refused)")
@@ -483,22 +483,6 @@ def render_host(h: dict[str, Any]) -> str:
                    if e.get("tries", 1) > 1 and e.get("last_at") else "")
         lines.append(f"    {when(e['at'])}  {e['status']:<10} {e['detail']}{repeats}")
     return "\n".join(printable(line) for line in lines)
-
-
-def render_transport(t: dict[str, Any]) -> str:
-    """E.g. "auto, using tunnel (the TLS port could not be reached: ...); tunnel open
-    since 10:02:03, 2 streams, 1.2 MB in, 0.3 MB out"."""
-    text = f"{t.get('mode', '?')}, using {t.get('in_use', '?')}"
-    if t.get("why_tunnel"):
-        text += f" ({t['why_tunnel']})"
-    tunnel = t.get("tunnel")
-    if tunnel:
-        text += (f"; tunnel open since {when(tunnel['since'])}, {tunnel['streams']} stream(s), "
-                 f"{tunnel['bytes_in']} B in, {tunnel['bytes_out']} B out")
-    elif t.get("in_use") == "tunnel":
-        text += "; no tunnel open" + (f" (last closed: {t['tunnel_closed']})"
-                                      if t.get("tunnel_closed") else "")
-    return text
 
 
 def _older_than(ts: float | None, seconds: float) -> bool:

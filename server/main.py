@@ -180,7 +180,8 @@ def metrics_state(parts: Parts, guard: ConnectionGuard) -> metrics.State:
     return metrics.State(
         hosts=parts.store, link_states=lambda: (c.state for c in parts.links.states.values()),
         link_counts=parts.links.counts, gateway_counts=parts.gateway.counts,
-        watchers=lambda: parts.changes.watchers, refused_connections=lambda: dict(guard.refused))
+        watchers=lambda: parts.changes.watchers, refused_connections=lambda: dict(guard.refused),
+        tunnels=lambda: (len(parts.routes.tunnels.links), parts.routes.tunnels.refused))
 
 
 def metrics_url(config: ServerConfig) -> str:

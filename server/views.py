@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from common.cli import when
+
 
 def describe_facts(name: str, result: dict[str, Any]) -> str:
     """One line per collector, in words; a failed collector shows its error. Facts are
@@ -42,3 +44,19 @@ def _describe_facts(name: str, result: dict[str, Any]) -> str:
 
 def short(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def describe_transport(t: dict[str, Any]) -> str:
+    """E.g. "auto, using tunnel (the TLS port could not be reached: ...); tunnel open
+    since 10:02:03, 2 streams, 1.2 MB in, 0.3 MB out"."""
+    text = f"{t.get('mode', '?')}, using {t.get('in_use', '?')}"
+    if t.get("why_tunnel"):
+        text += f" ({t['why_tunnel']})"
+    tunnel = t.get("tunnel")
+    if tunnel:
+        text += (f"; tunnel open since {when(tunnel['since'])}, {tunnel['streams']} stream(s), "
+                 f"{tunnel['bytes_in']} B in, {tunnel['bytes_out']} B out")
+    elif t.get("in_use") == "tunnel":
+        text += "; no tunnel open" + (f" (last closed: {t['tunnel_closed']})"
+                                      if t.get("tunnel_closed") else "")
+    return text

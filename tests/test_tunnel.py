@@ -23,6 +23,7 @@ import pytest
 from common import tunnel
 from tests.harness import Agent, Fleet, Network, Server, free_port, observed, wait_for
 from tests.test_gateway import TINY, virsh
+from tests.test_metrics import scrape, value
 
 pytestmark = pytest.mark.slow
 SERVER_ARGS = ("--checkin-interval", "1", "--grace", "4")
@@ -236,6 +237,9 @@ def test_hostile_clients_at_the_tunnel_door_are_refused_and_harm_no_other_tunnel
     host = server.host(hid)
     assert host["status"] == "online" and host["connection"]["transport"]["tunnel"]["since"] == since
     assert virsh(server.gateway_uri(hid), "list").returncode == 0
+    _, samples = scrape(server)
+    assert value(samples, "virtfleet_tunnels_open") == 1
+    assert (value(samples, "virtfleet_tunnels_refused_total") or 0) >= 2  # anonymous, forgotten
 
 
 def test_forgetting_a_host_closes_its_tunnel_at_once(

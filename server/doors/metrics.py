@@ -93,6 +93,7 @@ class State:
     gateway_counts: Callable[[], GatewayCounts]
     watchers: Callable[[], int]
     refused_connections: Callable[[], dict[str, int]]
+    tunnels: Callable[[], tuple[int, int]] = lambda: (0, 0)  # (open, refused so far)
 
 
 class StateCollector:
@@ -113,6 +114,15 @@ class StateCollector:
         for reason, count in self.state.refused_connections().items():
             refused.add_metric([reason], count)
         yield refused
+        open_tunnels, refused_tunnels = self.state.tunnels()
+        tunnels = GaugeMetricFamily("virtfleet_tunnels_open", "Tunnels hosts keep open to the "
+                                    "server (their libvirt connections go through them)")
+        tunnels.add_metric([], open_tunnels)
+        yield tunnels
+        refusals = CounterMetricFamily("virtfleet_tunnels_refused", "Tunnels refused: no "
+                                       "certificate, or one no enrolled host has")
+        refusals.add_metric([], refused_tunnels)
+        yield refusals
 
     def _hosts(self) -> Iterator[Metric]:
         summaries = self.state.hosts.host_summaries()

@@ -40,7 +40,7 @@ from server.doors.guard import ConnectionGuard
 from server.doors.http import FLEET, answer, fleet_of
 from server.fleet import Fleet, Refused
 from server.model import Status, WebSession
-from server.views import describe_facts
+from server.views import describe_facts, describe_transport
 from server.websessions import LoginRefused, WebSessions, csrf_token, session_actor
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def create_web_app(fleet: Fleet, links: LinkView, gateway: GatewayView, changes:
     app[CHANGES], app[SESSIONS] = changes, sessions
     env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"),
                                autoescape=True, undefined=jinja2.StrictUndefined)
-    env.filters.update(when=when, ago=ago, facts=describe_facts)
+    env.filters.update(when=when, ago=ago, facts=describe_facts, transport=describe_transport)
     app.on_response_prepare.append(_secure)
     # Not HEAD: a link previewer's HEAD would spend the login URL.
     app.router.add_get("/login", login, allow_head=False)
