@@ -24,6 +24,8 @@ MESSAGE_IDS = {
     "connection_lost": uuid.UUID("5f0c1b0e-8f7c-4c5e-9a2b-0d6b7f1e2a06"),
     "connection_open": uuid.UUID("5f0c1b0e-8f7c-4c5e-9a2b-0d6b7f1e2a07"),
     "status_changed": uuid.UUID("5f0c1b0e-8f7c-4c5e-9a2b-0d6b7f1e2a08"),
+    "tunnel_open": uuid.UUID("5f0c1b0e-8f7c-4c5e-9a2b-0d6b7f1e2a09"),
+    "tunnel_closed": uuid.UUID("5f0c1b0e-8f7c-4c5e-9a2b-0d6b7f1e2a0a"),
 }
 
 
