@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.util import spread, table
-from tests.harness import Fleet, Network, Server, free_port
+from tests.harness import Fleet
 
 QUICK_ARGS = ("--checkin-interval", "1", "--grace", "3")
 WARNING = "warning: the agent has not checked in"
@@ -70,10 +70,8 @@ def one_round(fleet: Fleet, grace: float) -> dict[str, float]:
 def run(quick: bool) -> str:
     runs, args, grace = (1, QUICK_ARGS, 3.0) if quick else (5, (), 30.0)
     base = Path(tempfile.mkdtemp(prefix="vfb-detect-"))
-    net = Network(f"vfd{os.getpid() % 10000}")
-    server = Server(base / "server", free_port(), *args, host=net.server_address,
-                    netns=net.server_ns)
-    fleet = Fleet(net, server, base)
+    fleet = Fleet.in_namespaces(base, f"vfd{os.getpid() % 10000}", *args)
+    server = fleet.server
     results: dict[str, list[float]] = {}
     try:
         server.start()

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from bench.util import Sampler, private_mb, table
-from tests.harness import ROOT, VENV_BIN, Agent, Fleet, Network, Server, free_port, wait_for
+from tests.harness import ROOT, VENV_BIN, Agent, Fleet, wait_for
 
 
 def tcp_bytes(ns: str, port: int) -> tuple[int, int]:
@@ -62,10 +62,8 @@ def checkins_seen(agent: Agent, ns: str, port: int, seconds: float) -> dict[str,
 def run(quick: bool) -> str:
     seconds, args = (5.0, ("--checkin-interval", "1")) if quick else (300.0, ())
     base = Path(tempfile.mkdtemp(prefix="vfb-footprint-"))
-    net = Network(f"vff{os.getpid() % 10000}")
-    server = Server(base / "server", free_port(), *args, host=net.server_address,
-                    netns=net.server_ns)
-    fleet = Fleet(net, server, base)
+    fleet = Fleet.in_namespaces(base, f"vff{os.getpid() % 10000}", *args)
+    server = fleet.server
     try:
         server.start()
         ns, libvirtd, agent = fleet.add_host("hv-1")
@@ -84,9 +82,9 @@ def run(quick: bool) -> str:
         private = private_mb(pid)
         sampler.stop()
         cpu, rss = sampler.window("agent", start, end)
-        uri = (f"qemu+tls://{net.hosts[ns]}:{libvirtd.tls_port}/system"
+        uri = (f"qemu+tls://{fleet.net.hosts[ns]}:{libvirtd.tls_port}/system"
                f"?pkipath={server.state}/libvirt-client")
-        libvirt_kb = libvirt_connection_kb(net.server_ns, uri, 100 if quick else 300)
+        libvirt_kb = libvirt_connection_kb(fleet.net.server_ns, uri, 100 if quick else 300)
     finally:
         fleet.close()
     interval = args[1] if args else "10"

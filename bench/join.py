@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.util import spread, table
-from tests.harness import Fleet, Network, Server, free_port
+from tests.harness import Fleet
 
 HERE = Path(__file__).resolve().parent
 OPEN_TLS = """import libvirt, sys, time
@@ -72,9 +72,8 @@ def old_way(fleet: Fleet, name: str) -> tuple[float, float]:
 def run(quick: bool) -> str:
     runs = 1 if quick else 5
     base = Path(tempfile.mkdtemp(prefix="vfb-join-"))
-    net = Network(f"vfj{os.getpid() % 10000}")
-    server = Server(base / "server", free_port(), host=net.server_address, netns=net.server_ns)
-    fleet = Fleet(net, server, base)
+    fleet = Fleet.in_namespaces(base, f"vfj{os.getpid() % 10000}")
+    server = fleet.server
     try:
         server.start()
         # libvirtd probes QEMU's capabilities into a cache the test libvirtds share: a

@@ -27,7 +27,7 @@ from bench.report import simulated_report
 from bench.seed import seed_hosts
 from bench.util import cpu_seconds, rss_mb, spread, table
 from common import libvirt_events
-from tests.harness import VENV_BIN, Fleet, Network, Server, free_port, wait_for
+from tests.harness import VENV_BIN, Fleet, Server, free_port, wait_for
 
 
 def join_online(fleet: Fleet, name: str, tunnel: bool,
@@ -61,9 +61,8 @@ def rpc_medians(uri: str, calls: int) -> tuple[float, float]:
 def hosts_part(quick: bool) -> str:
     runs, calls = (1, 300) if quick else (5, 3000)
     base = Path(tempfile.mkdtemp(prefix="vfb-tunnel-"))
-    net = Network(f"vft{os.getpid() % 10000}")
-    server = Server(base / "server", free_port(), host=net.server_address, netns=net.server_ns)
-    fleet = Fleet(net, server, base)
+    fleet = Fleet.in_namespaces(base, f"vft{os.getpid() % 10000}")
+    server = fleet.server
     try:
         server.start()
         fleet.add_host("warm-up", join=False)  # fills the shared QEMU capabilities cache

@@ -488,6 +488,15 @@ class Fleet:
     base: Path
     hosts: list[tuple[str, Libvirtd, Agent]] = field(default_factory=list)  # (ns, libvirtd, agent)
 
+    @classmethod
+    def in_namespaces(cls, base: Path, tag: str, *server_args: str) -> Fleet:
+        """A new network (namespaces tagged `tag`) with a server, not started yet, in its
+        server namespace."""
+        net = Network(tag)
+        server = Server(base / "server", free_port(), *server_args, host=net.server_address,
+                        netns=net.server_ns)
+        return cls(net, server, base)
+
     def add_host(self, name: str, join: bool = True, natted: bool = False,
                  token_args: tuple[str, ...] = ()) -> tuple[str, Libvirtd, Agent]:
         ns, address = self.net.add_natted_host() if natted else self.net.add_host()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from server.links.opener import KEEPALIVE_COUNT, KEEPALIVE_INTERVAL
-from tests.harness import Agent, Fleet, Libvirtd, Network, Server, free_port, observed, wait_for
+from tests.harness import Agent, Fleet, Libvirtd, Server, observed, wait_for
 
 pytestmark = pytest.mark.slow
 GRACE = 4.0
@@ -27,10 +27,8 @@ SERVER_ARGS = ("--checkin-interval", "1", "--grace", str(GRACE))
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     base = tmp_path_factory.mktemp("fleet")
-    net = Network(f"vf{os.getpid() % 100000}")
-    server = Server(base / "server", free_port(), *SERVER_ARGS, host=net.server_address,
-                    netns=net.server_ns)
-    f = Fleet(net, server, base)
+    f = Fleet.in_namespaces(base, f"vf{os.getpid() % 100000}", *SERVER_ARGS)
+    server = f.server
     try:
         server.start()
         for i in range(3):

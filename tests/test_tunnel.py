@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from common import tunnel
-from tests.harness import Agent, Fleet, Network, Server, free_port, observed, wait_for
+from tests.harness import Agent, Fleet, Server, observed, wait_for
 from tests.test_gateway import TINY, virsh
 from tests.test_metrics import scrape, value
 
@@ -35,10 +35,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """nat-tunnel (NATed, `--transport tunnel`), nat-auto (NATed, auto) and direct-auto
     (reachable, auto), all online."""
     base = tmp_path_factory.mktemp("nat")
-    net = Network(f"vt{os.getpid() % 100000}")
-    server = Server(base / "server", free_port(), *SERVER_ARGS, host=net.server_address,
-                    netns=net.server_ns)
-    f = Fleet(net, server, base)
+    f = Fleet.in_namespaces(base, f"vt{os.getpid() % 100000}", *SERVER_ARGS)
+    server = f.server
     try:
         server.start()
         f.add_host("nat-tunnel", natted=True, token_args=("--transport", "tunnel"))
