@@ -304,11 +304,13 @@ class Fleet:
         libvirt on it (refused, not TLS, another CA, no answer) would tell a hostile host
         what listens on its address's ports: the operator reads that in `hosts show`."""
         conn = self.link_states.get(host.id)
-        if host.status == Status.ERROR and conn is not None and conn.state == LinkState.ERROR \
-                and host.detail == conn.detail:
-            return (f"the server cannot open libvirt on this host; the operator sees why in "
-                    f"`virtfleet-server hosts show {host.id}`")
-        return host.detail
+        if conn is None or conn.state == LinkState.ONLINE or host.detail != conn.detail:
+            return host.detail
+        if conn.state == LinkState.CONNECTING:  # (an auto host's failed direct dial, say)
+            return (f"the server is opening its libvirt connection to this host; the operator "
+                    f"sees how it goes in `virtfleet-server hosts show {host.id}`")
+        return (f"the server cannot open libvirt on this host; the operator sees why in "
+                f"`virtfleet-server hosts show {host.id}`")
 
     def renew(self, host: Host, req: wire.RenewRequest, address: str) -> wire.Identity:
         if not self._renewals.allow(host.id):

@@ -139,6 +139,8 @@ class HostEvents:
         self.feed.checked_in(host)
 
     def reconnect(self, host_id: str) -> None:
+        """Afresh, every check again: an auto host tries direct first again too."""
+        self.routes.forget(host_id)
         self.links.reconnect(host_id)
 
 

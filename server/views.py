@@ -47,7 +47,7 @@ def short(text: str, width: int = 60) -> str:
 
 
 def describe_transport(t: dict[str, Any]) -> str:
-    """E.g. "auto, using tunnel (the TLS port could not be reached: ...); tunnel open
+    """E.g. "auto, using tunnel (the direct dial failed: ...); tunnel open
     since 10:02:03, 2 streams, 1.2 MB in, 0.3 MB out"."""
     text = f"{t.get('mode', '?')}, using {t.get('in_use', '?')}"
     if t.get("why_tunnel"):

@@ -28,6 +28,7 @@ class HostClient:
         ctx = ssl.create_default_context(cafile=str(server.state / "identity" / "ca.crt"))
         ctx.load_cert_chain(agent.state / "identity.pem")
         self.conn = http.client.HTTPSConnection(server.address, server.port, context=ctx, timeout=10)
+        self.transport = "direct"  # what its join token said
 
     def checkin(self, error: str | None = None, port: int | None = None) -> tuple[int, Any]:
         report: dict[str, Any] = {"hostname": "hostile", "role": "disk_operations",
@@ -43,11 +44,14 @@ class HostClient:
         self.conn.close()
 
 
-@pytest.fixture
-def hostile(server: Server, make_agent: MakeAgent) -> Iterator[HostClient]:
+@pytest.fixture(params=["direct", "auto"])
+def hostile(server: Server, make_agent: MakeAgent, request: pytest.FixtureRequest) -> Iterator[HostClient]:
+    """A host joined with a `direct` token, or an `auto` one (whose answer's `tunnel` flag
+    must tell it no more than the words do)."""
     agent = make_agent("hostile", None)
-    assert agent.join(server.token()).returncode == 0
+    assert agent.join(server.token("--transport", request.param)).returncode == 0
     client = HostClient(server, agent)
+    client.transport = request.param
     yield client
     client.close()
 
@@ -94,14 +98,17 @@ def test_the_host_cannot_tell_a_closed_port_from_another_service(
         try:
             for name, port in (("closed", closed), ("ssh", plain.getsockname()[1])):
                 assert hostile.checkin(port=port)[0] == 200
-                operator = wait_for(lambda p=port: (h := server.host(host_id))["status"] == "error"
-                                    and str(p) in h["detail"] and h["detail"], 20,
-                                    f"the {name} port's error")
+                # An auto host keeps its turn to the tunnel: afresh for each port.
+                server.admin("hosts", "set-transport", host_id, hostile.transport)
+                # A direct host's error, or an auto host's turn to its tunnel: each says
+                # what the direct dial met.
+                operator = wait_for(lambda p=port: str(p) in (h := server.host(host_id))["detail"]
+                                    and h["detail"], 20, f"the {name} port's error")
                 _, answer_ = hostile.checkin(port=port)
-                seen[name] = (operator, answer_["detail"])
+                seen[name] = (operator, answer_["detail"], answer_["tunnel"])
         finally:
             stop.set()
             answering.join(5)
     assert seen["closed"][0] != seen["ssh"][0]  # the operator reads the difference
-    assert seen["closed"][1] == seen["ssh"][1]  # the host reads none
+    assert seen["closed"][1:] == seen["ssh"][1:]  # the host reads none
     assert "hosts show" in seen["closed"][1]

@@ -327,7 +327,7 @@ class FakeOpener:
         if step == "fail":
             raise OpenError(f"connection refused at {target.where}")
         if step == "unreachable":
-            raise OpenError(f"no answer from libvirtd at {target.where}", unreachable=True)
+            raise OpenError(f"no answer from libvirtd at {target.where}", dial_failed=True)
         if step == "hang":
             await asyncio.Event().wait()
         link = OpenLink(conn=FakeConn(), relay=None, uri=f"qemu+tls://{target.where}/system",  # type: ignore[arg-type]
@@ -441,7 +441,7 @@ def test_an_auto_host_whose_tls_port_does_not_answer_turns_to_its_tunnel() -> No
     assert [t.tunnel for t in opener.targets] == [False, True]
 
 
-def test_an_auto_host_whose_tls_port_answers_wrongly_stays_direct_and_shows_the_error() -> None:
+def test_an_auto_host_whose_libvirt_fails_once_reached_stays_direct_and_shows_the_error() -> None:
     async def scenario(manager: LinkManager, states: dict[str, Connection], host: Host) -> None:
         await until(lambda: states.get("h1", ONLINE).state == LinkState.ERROR, "the error")
         assert "connection refused" in states["h1"].detail

@@ -91,9 +91,9 @@ def test_auto_picks_direct_for_a_reachable_host_and_the_tunnel_for_a_natted_one(
     natted = fleet.server.host(host_id(fleet, "nat-auto"))
     shown = natted["connection"]["transport"]
     assert shown["mode"] == "auto" and shown["in_use"] == "tunnel"
-    assert "the TLS port could not be reached" in shown["why_tunnel"]
+    assert "the direct dial failed: libvirtd is not listening" in shown["why_tunnel"]
     text = fleet.server.admin("hosts", "show", natted["id"]).stdout
-    assert "transport:     auto, using tunnel (the TLS port could not be reached" in text
+    assert "transport:     auto, using tunnel (the direct dial failed" in text
 
 
 def test_the_gateway_reaches_a_natted_host_through_its_tunnel(fleet: Fleet, tmp_path: Path) -> None:
@@ -149,6 +149,25 @@ def test_an_agent_killed_and_restarted_opens_its_tunnel_again(fleet: Fleet) -> N
     host = fleet.server.wait_status(hid, "online", 30)
     assert host["connection"]["transport"]["tunnel"]["since"] > before
     assert host["connection"]["transport"]["in_use"] == "tunnel"
+
+
+def test_set_transport_moves_a_host_off_its_tunnel_and_back(fleet: Fleet) -> None:
+    _ns, _lv, agent = entry(fleet, "nat-auto")
+    hid = agent.host_id()
+    shown = fleet.server.admin("hosts", "set-transport", hid, "direct").stdout
+    assert "transport:     direct, using direct" in shown
+    # Direct cannot reach it (NAT): an error saying so, and the agent closes its tunnel.
+    host = wait_for(lambda: (h := fleet.server.host(hid))["status"] == "error" and h, 15,
+                    "the direct dial to fail")
+    assert "libvirtd" in host["detail"] or "cannot open libvirt" in host["detail"]
+    wait_for(lambda: fleet.server.host(hid)["connection"]["transport"]["tunnel"] is None, 15,
+             "the agent to close its tunnel")
+    fleet.server.admin("hosts", "set-transport", hid, "auto")
+    host = fleet.server.wait_status(hid, "online", 30)
+    assert host["connection"]["transport"]["in_use"] == "tunnel"
+    entries = fleet.server.admin_json("audit", "--host", hid)
+    assert [e["detail"] for e in entries if e["action"] == "host_set_transport"][-2:] == [
+        "transport auto -> direct", "transport direct -> auto"]
 
 
 def test_a_restarted_server_gets_every_tunnel_back(fleet: Fleet) -> None:

@@ -26,13 +26,7 @@ READ_LIMIT = 256 * 1024  # bytes a relayed direction buffers before it stops rea
 
 
 class DialError(Exception):
-    """The host's libvirtd cannot be reached; the message says why, for the operator.
-    `unreachable`: nothing answered at its TLS port (no route, refused, no answer in
-    time), as behind NAT or a firewall, rather than a wrong answer."""
-
-    def __init__(self, message: str, unreachable: bool = False) -> None:
-        super().__init__(message)
-        self.unreachable = unreachable
+    """The host's libvirtd cannot be reached; the message says why, for the operator."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +63,7 @@ async def dial(target: Target, ctx: ssl.SSLContext,
         return await asyncio.wait_for(_dial(target, ctx), timeout)
     except TimeoutError:
         raise DialError(f"no answer from libvirtd at {target.where} within {timeout:g} s: "
-                        "is the host reachable from the server?", unreachable=True) from None
+                        "is the host reachable from the server?") from None
 
 
 async def _dial(target: Target, ctx: ssl.SSLContext) -> tuple[Stream, str]:
@@ -78,14 +72,12 @@ async def _dial(target: Target, ctx: ssl.SSLContext) -> tuple[Stream, str]:
                                                        server_hostname=None, limit=READ_LIMIT)
     except ConnectionRefusedError:
         raise DialError(f"libvirtd is not listening for TLS at {target.where} (connection "
-                        "refused): is libvirtd running with its TLS listener?",
-                        unreachable=True) from None
+                        "refused): is libvirtd running with its TLS listener?") from None
     except ssl.SSLError as exc:
         raise DialError(f"TLS refused between the server and libvirtd at {target.where}: "
                         f"{exc.reason or exc}") from None
     except OSError as exc:
-        raise DialError(f"cannot reach {target.where}: {exc.strerror or exc}",
-                        unreachable=True) from None
+        raise DialError(f"cannot reach {target.where}: {exc.strerror or exc}") from None
     try:
         serial = check_peer(writer.get_extra_info("ssl_object"), target)
         verdict = await reader.read(1)

@@ -41,7 +41,7 @@ class Ways(Protocol):
 
     def target(self, host: Host) -> Target: ...
     def waiting(self, host: Host) -> str | None: ...
-    def note_unreachable(self, host: Host, reason: str) -> bool: ...
+    def direct_failed(self, host: Host, reason: str) -> bool: ...
     def describe(self, host: Host) -> dict[str, Any]: ...
 
 
@@ -218,7 +218,7 @@ class LinkManager:
         try:
             opened = await self.opener.open(target, needs_of(host))
         except OpenError as exc:
-            if exc.unreachable and self.ways.note_unreachable(host, str(exc)):
+            if exc.dial_failed and not target.tunnel and self.ways.direct_failed(host, str(exc)):
                 self._set(link, Connection(LinkState.CONNECTING, f"{exc}; asking the host's "
                                                                  "agent to open a tunnel instead"))
                 return False

@@ -53,11 +53,12 @@ CLOSE_REASONS = {
 
 class OpenError(Exception):
     """The link could not be opened; the message says why, for the operator.
-    `unreachable`: nothing answered at the host's TLS port (DialError's)."""
+    `dial_failed`: libvirtd could not be reached at all (DialError), as opposed to
+    libvirt failing once it was."""
 
-    def __init__(self, message: str, unreachable: bool = False) -> None:
+    def __init__(self, message: str, dial_failed: bool = False) -> None:
         super().__init__(message)
-        self.unreachable = unreachable
+        self.dial_failed = dial_failed
 
 
 @dataclass
@@ -118,7 +119,7 @@ class LibvirtOpener:
         try:
             stream, serial = await self._dial(target, self._ctx)
         except DialError as exc:
-            raise OpenError(str(exc), exc.unreachable) from None
+            raise OpenError(str(exc), dial_failed=True) from None
         link = await self._open_relayed(target, stream, serial)
         try:
             problem = await self._call(link, self._role_problem, link.conn, needs)

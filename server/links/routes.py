@@ -5,13 +5,19 @@ A host's transport (wire.TRANSPORTS) is chosen by its join token and changed wit
 `hosts set-transport`:
 - `direct`: TLS to the port its agent reported (links/direct.py);
 - `tunnel`: a stream through the tunnel its agent keeps open (links/tunnels.py);
-- `auto`: direct, until its TLS port cannot be reached from the server (nothing
-  answers: NAT, a firewall); then the check-in answer asks the agent for a tunnel, and
-  the host stays on it while this server runs. Like a direct host, it is dialled once
-  its agent reports libvirtd's TLS port (one with `configure_tls = false` never does:
-  give it a `tunnel` token). A tunnel already open (the agent was
-  asked before a restart) is used at once. A wrong answer at the TLS port (another
-  host's certificate, TLS refused) is an error to show, never a reason to switch.
+- `auto`: direct, until the direct dial fails (NAT, a firewall: nothing answers; or
+  something else answers at the TLS port); then the check-in answer asks the agent for
+  a tunnel, and the host stays on it while this server runs (`hosts show` says what the
+  direct dial met). Like a direct host, it is dialled once its agent reports libvirtd's
+  TLS port (one with `configure_tls = false` never does: give it a `tunnel` token). A
+  tunnel already open (the agent was asked before a restart) is used at once.
+
+Any failure of the direct dial turns an auto host to its tunnel, not only "nothing
+answers": the answer's `tunnel` is all a host learns, and were it given for some
+failures and not others, a hostile host could point the server at ports of its own
+address and read, from that one flag, which of them listen (as `fleet.public_detail`
+keeps the failure's words from it). The tunnel is as trusted as the direct dial: the
+host's identity certificate opens it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from server.model import Host, Transport
 class Routes:
     def __init__(self, tunnels: Tunnels) -> None:
         self.tunnels = tunnels
-        self.unreachable: dict[str, str] = {}  # auto hosts whose TLS port did not answer: why
+        self.unreachable: dict[str, str] = {}  # auto hosts whose direct dial failed: why
 
     def via_tunnel(self, host: Host) -> bool:
         """(Every check-in's answer asks: no look at the stored report here.)"""
@@ -59,9 +65,8 @@ class Routes:
         return ("waiting for the host's agent to open its tunnel (asked at its next check-in)"
                 + (f"; direct was tried: {because}" if because else ""))
 
-    def note_unreachable(self, host: Host, reason: str) -> bool:
-        """A direct dial found nothing at the TLS port: an auto host turns to its tunnel
-        (True)."""
+    def direct_failed(self, host: Host, reason: str) -> bool:
+        """The direct dial failed: an auto host turns to its tunnel (True)."""
         if host.transport != Transport.AUTO:
             return False
         self.unreachable[host.id] = reason
@@ -84,7 +89,7 @@ class Routes:
                                  "in_use": "tunnel" if self.via_tunnel(host) else "direct",
                                  "tunnel": tunnel}
         if host.id in self.unreachable:
-            shown["why_tunnel"] = f"the TLS port could not be reached: {self.unreachable[host.id]}"
+            shown["why_tunnel"] = f"the direct dial failed: {self.unreachable[host.id]}"
         if tunnel is None and host.id in self.tunnels.last_closed:
             shown["tunnel_closed"] = self.tunnels.last_closed[host.id]
         return shown
