@@ -35,6 +35,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from common.cli import printable
+
 log = logging.getLogger(__name__)
 
 ALPN = "virtfleet-tunnel/1"  # what the agent offers in its TLS handshake to open a tunnel
@@ -54,11 +56,6 @@ Headers = dict[str, str]
 
 class TunnelError(ConnectionError):
     """A stream could not be opened, or the tunnel is gone; the message says why."""
-
-
-def printable(text: str, limit: int = MAX_REASON) -> str:
-    """A peer's words made safe for a log line or a terminal."""
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
 class StreamTransport(asyncio.Transport):
@@ -213,7 +210,7 @@ class H2Link(asyncio.Protocol):
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self._flush()  # h2's GOAWAY, saying why
-            self.abort(f"the peer broke the HTTP/2 protocol: {printable(str(exc))}")
+            self.abort(f"the peer broke the HTTP/2 protocol: {printable(str(exc)[:MAX_REASON])}")
             return
         if events:  # whole frames: bytes dribbled into one that never ends prove nothing
             self.last_heard = time.monotonic()
@@ -258,7 +255,7 @@ class H2Link(asyncio.Protocol):
             for target in targets:
                 self.pump(target)
         elif isinstance(ev, h2.events.ConnectionTerminated):
-            said = printable((ev.additional_data or b"").decode(errors="replace"))
+            said = printable((ev.additional_data or b"").decode(errors="replace")[:MAX_REASON])
             self.abort(f"the peer ended the tunnel: {said or f'HTTP/2 GOAWAY, code {ev.error_code}'}")
 
     def _requested(self, ev: h2.events.RequestReceived) -> None:
@@ -326,8 +323,8 @@ class H2Link(asyncio.Protocol):
             raise
         if headers.get(":status") != "200":
             self.reset(stream)
-            raise TunnelError(f"the agent refused: {printable(headers.get('reason', ''))} "
-                              f"(status {printable(headers.get(':status', '?'), 8)})")
+            raise TunnelError(f"the agent refused: {printable(headers.get('reason', '')[:MAX_REASON])} "
+                              f"(status {printable(headers.get(':status', '?')[:8])})")
         return stream.pair()
 
     def accept(self, stream: StreamTransport) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -340,7 +337,7 @@ class H2Link(asyncio.Protocol):
         """Say no to a stream the peer opened, and why."""
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.conn.send_headers(stream.stream_id, [(":status", str(status)),
-                                                      ("reason", printable(reason))],
+                                                      ("reason", printable(reason[:MAX_REASON]))],
                                    end_stream=True)
         self.reset(stream)
 

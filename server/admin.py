@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from common import wire
 from server.audit import host_target
 from server.fleet import CreatedToken, Fleet, Refused
-from server.model import AdminState, Host, Token
+from server.model import AdminState, Host, Token, Transport
 
 MAX_TTL = 7 * 24 * 3600
 MAX_USES = 100_000
@@ -79,7 +79,7 @@ def audited_host(fleet: Fleet, ref: str) -> str:
 # -- actions ----------------------------------------------------------------------
 
 def create_token(fleet: Fleet, actor: str, role: str, ttl: float, uses: int, auto_enable: bool,
-                 description: str, transport: str = "auto") -> CreatedToken:
+                 description: str, transport: str = Transport.AUTO) -> CreatedToken:
     if role not in wire.ROLES:
         raise Refused(400, "bad_request", f"role {role!r} is not one of {', '.join(wire.ROLES)}")
     if not 1 <= ttl <= MAX_TTL:

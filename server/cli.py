@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how the server reaches the hosts' libvirtd: direct (TLS to its port "
                          "16514), tunnel (through a connection the agent opens to the server: "
                          "behind NAT or a firewall, no libvirtd TLS set-up), or auto (default: "
-                         "direct, and a tunnel when the host's TLS port cannot be reached)")
+                         "direct, and a tunnel when the direct dial fails)")
     tc.add_argument("--description", default="", help="a note for `token list`")
     tsub.add_parser("list", help="list tokens and their state", parents=[shared])
     tr = tsub.add_parser("revoke", help="revoke a token: no more hosts join with it", parents=[shared])

@@ -108,9 +108,7 @@ class Fleet:
 
     def create_token(self, role: str, ttl: float, uses: int, auto_enable: bool,
                      description: str, transport: str = Transport.AUTO) -> CreatedToken:
-        if transport not in wire.TRANSPORTS:
-            raise Refused(400, "bad_request", f"transport {transport!r} is not one of "
-                                              f"{', '.join(wire.TRANSPORTS)}")
+        check_transport(transport)
         token, claims = self.signer.create(role, dt.timedelta(seconds=ttl), auto_enable, transport)
         record = Token(jti=claims.jti, role=role, auto_enable=auto_enable, max_uses=uses, uses=0,
                        created_at=time.time(), expires_at=claims.expires_at, revoked_at=None,
@@ -354,9 +352,7 @@ class Fleet:
         self.status.refresh(host.id)
 
     def set_transport(self, host: Host, transport: str) -> None:
-        if transport not in wire.TRANSPORTS:
-            raise Refused(400, "bad_request", f"transport {transport!r} is not one of "
-                                              f"{', '.join(wire.TRANSPORTS)}")
+        check_transport(transport)
         self.store.update_host(host.id, transport=transport)
         log.info("host %s (%s): transport set to %s by an administrator", host.hostname, host.id,
                  transport)
@@ -370,6 +366,11 @@ class Fleet:
         self.links.host_changed(host.id)
         log.warning("host %s (%s) forgotten by an administrator", host.hostname, host.id)
 
+
+def check_transport(transport: str) -> None:
+    if transport not in wire.TRANSPORTS:
+        raise Refused(400, "bad_request", f"transport {transport!r} is not one of "
+                                          f"{', '.join(wire.TRANSPORTS)}")
 
 
 def identify(store: Store, serial: str | None) -> Host:

@@ -21,6 +21,7 @@ from server.audit import peer_actor
 from server.config import unreachable_url_problem
 from server.doors.http import FLEET, errors_middleware, fleet_of
 from server.fleet import Fleet, Refused
+from server.model import Transport
 from server.websessions import WebSessions
 
 LINKS = "virtfleet.links"
@@ -103,7 +104,7 @@ async def create_token(request: web.Request) -> web.Response:
         fleet, actor_of(request), _field(body, "role", str, "mixed"),
         _field(body, "ttl", float, 3600.0), _field(body, "uses", int, 1),
         _field(body, "auto_enable", bool, True), _field(body, "description", str, ""),
-        _field(body, "transport", str, "auto"))
+        _field(body, "transport", str, Transport.AUTO))
     return web.json_response({
         "join": created.join,
         "command": "virtfleet-agent join -",

@@ -33,14 +33,14 @@ from server.model import Host, Transport
 class Routes:
     def __init__(self, tunnels: Tunnels) -> None:
         self.tunnels = tunnels
-        self.unreachable: dict[str, str] = {}  # auto hosts whose direct dial failed: why
+        self.direct_failures: dict[str, str] = {}  # auto hosts whose direct dial failed: why
 
     def via_tunnel(self, host: Host) -> bool:
         """(Every check-in's answer asks: no look at the stored report here.)"""
         if host.transport == Transport.TUNNEL:
             return True
         if host.transport == Transport.AUTO:
-            return host.id in self.unreachable or self.tunnels.up(host.id)
+            return host.id in self.direct_failures or self.tunnels.up(host.id)
         return False
 
     def can_route(self, host: Host) -> bool:
@@ -61,7 +61,7 @@ class Routes:
         closed = self.tunnels.last_closed.get(host.id)
         if closed:
             return f"the host's tunnel closed ({closed}); waiting for its agent to open it again"
-        because = self.unreachable.get(host.id)
+        because = self.direct_failures.get(host.id)
         return ("waiting for the host's agent to open its tunnel (asked at its next check-in)"
                 + (f"; direct was tried: {because}" if because else ""))
 
@@ -69,11 +69,11 @@ class Routes:
         """The direct dial failed: an auto host turns to its tunnel (True)."""
         if host.transport != Transport.AUTO:
             return False
-        self.unreachable[host.id] = reason
+        self.direct_failures[host.id] = reason
         return True
 
     def forget(self, host_id: str) -> None:
-        self.unreachable.pop(host_id, None)
+        self.direct_failures.pop(host_id, None)
 
     async def dial(self, target: Target, ctx: ssl.SSLContext) -> tuple[Stream, str]:
         """A stream to the host's libvirtd, and the serial of the libvirtd certificate it
@@ -88,9 +88,8 @@ class Routes:
         shown: dict[str, Any] = {"mode": host.transport,
                                  "in_use": "tunnel" if self.via_tunnel(host) else "direct",
                                  "tunnel": tunnel}
-        if host.id in self.unreachable:
-            shown["why_tunnel"] = f"the direct dial failed: {self.unreachable[host.id]}"
+        if host.id in self.direct_failures:
+            shown["why_tunnel"] = f"the direct dial failed: {self.direct_failures[host.id]}"
         if tunnel is None and host.id in self.tunnels.last_closed:
             shown["tunnel_closed"] = self.tunnels.last_closed[host.id]
         return shown
-

@@ -2,7 +2,7 @@
 through them.
 
 An agent that offers the ALPN protocol `virtfleet-tunnel/1` in its TLS handshake opens a
-tunnel instead of speaking HTTP/1.1; the agent port's dispatcher (`agent_port`) hands the
+tunnel instead of speaking HTTP/1.1; the agent port's dispatcher (`AgentPort`) hands the
 connection here or to aiohttp. A tunnel is authenticated by the host's identity
 certificate, verified in the handshake against the identity CA (so no libvirt
 certificate, another CA's, or none passes), and looked up as a check-in's is: a
