@@ -163,23 +163,30 @@ def test_forgotten_host_identity_is_refused(server: Server, libvirtd: Libvirtd,
         assert status == 403 and "not enrolled here" in body["message"], (path, body)
 
 
+@pytest.mark.parametrize("transport", ["direct", "auto"])
 def test_a_host_pointing_the_server_at_another_hosts_libvirtd_gets_no_connection(
-        server: Server, libvirtd: Libvirtd, make_agent: MakeAgent) -> None:
+        server: Server, libvirtd: Libvirtd, make_agent: MakeAgent, transport: str) -> None:
     victim = make_agent("hv-victim", libvirtd)
     online_host(server, victim, libvirtd)
     # The attacker: enrolled with no libvirtd of its own, checking in from the same
     # address (NAT) and naming the victim's TLS port as its own.
     attacker = make_agent("hv-attacker", None)
-    assert attacker.join(server.token()).returncode == 0
+    assert attacker.join(server.token("--transport", transport)).returncode == 0
     report = {"hostname": "hv-attacker", "role": "disk_operations", "agent_version": "x",
               "libvirtd": {"ok": True}, "libvirt_endpoint": {"host": "x", "port": libvirtd.tls_port}}
     status, _ = post(server, wire.CHECKIN_PATH, json.dumps({"report": report}).encode(),
                      cert=attacker.state / "identity.pem")
     assert status == 200
-    host = wait_for(lambda: (h := server.host(attacker.host_id()))["status"] == "error" and h, 15,
-                    "the attacker's host to be refused")
-    assert "another host's libvirtd certificate" in host["detail"], host["detail"]
-    assert host["connection"]["state"] == "error"
+    if transport == "direct":
+        host = wait_for(lambda: (h := server.host(attacker.host_id()))["status"] == "error" and h,
+                        15, "the attacker's host to be refused")
+        assert "another host's libvirtd certificate" in host["detail"], host["detail"]
+        assert host["connection"]["state"] == "error"
+    else:  # turned to its own tunnel, which reaches only its own libvirtd; the operator sees why
+        host = wait_for(lambda: "why_tunnel" in (h := server.host(attacker.host_id()))
+                        ["connection"]["transport"] and h, 15, "the attacker's host to be refused")
+        assert "another host's libvirtd certificate" in host["connection"]["transport"]["why_tunnel"]
+        assert host["status"] != "online"
     assert tls_clients(libvirtd) == 1  # only the victim's own connection
 
 

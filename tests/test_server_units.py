@@ -451,6 +451,20 @@ def test_an_auto_host_whose_libvirt_fails_once_reached_stays_direct_and_shows_th
     assert {t.tunnel for t in opener.targets} == {False}
 
 
+def test_an_auto_host_once_reached_directly_shows_its_failures_and_stays_direct() -> None:
+    async def scenario(manager: LinkManager, states: dict[str, Connection], host: Host) -> None:
+        routes = manager.ways
+        assert isinstance(routes, Routes)
+        routes.direct_worked.add(host.id)  # as a direct dial that worked does (Routes.dial)
+        await until(lambda: states.get("h1", ONLINE).state == LinkState.ERROR, "the error")
+        assert "no answer from libvirtd" in states["h1"].detail
+        assert not routes.via_tunnel(host)
+
+    host = make_host(libvirt_cert_serial="a1", transport="auto")
+    opener, _ = run_manager(["unreachable"], scenario, host)
+    assert {t.tunnel for t in opener.targets} == {False}
+
+
 def test_a_lost_tunnel_is_an_error_until_the_agent_opens_it_again() -> None:
     async def scenario(manager: LinkManager, states: dict[str, Connection], host: Host) -> None:
         tunnel_up(manager, host)

@@ -5,19 +5,23 @@ A host's transport (wire.TRANSPORTS) is chosen by its join token and changed wit
 `hosts set-transport`:
 - `direct`: TLS to the port its agent reported (links/direct.py);
 - `tunnel`: a stream through the tunnel its agent keeps open (links/tunnels.py);
-- `auto`: direct, until the direct dial fails (NAT, a firewall: nothing answers; or
-  something else answers at the TLS port); then the check-in answer asks the agent for
-  a tunnel, and the host stays on it while this server runs (`hosts show` says what the
-  direct dial met). Like a direct host, it is dialled once its agent reports libvirtd's
-  TLS port (one with `configure_tls = false` never does: give it a `tunnel` token). A
-  tunnel already open (the agent was asked before a restart) is used at once.
+- `auto`: direct, unless the direct dial fails before it ever worked (NAT, a firewall:
+  nothing answers; or something else answers at the TLS port); then the check-in answer
+  asks the agent for a tunnel, and the host stays on it while this server runs (`hosts
+  show` says what the direct dial met). Once a direct dial to it has worked, its
+  failures are errors to show, as a direct host's: a libvirtd restart or a network
+  outage does not move a reachable host onto a tunnel. Like a direct host, it is
+  dialled once its agent reports libvirtd's TLS port (one with `configure_tls = false`
+  never does: give it a `tunnel` token). A tunnel already open (the agent was asked
+  before a restart) is used at once.
 
 Any failure of the direct dial turns an auto host to its tunnel, not only "nothing
 answers": the answer's `tunnel` is all a host learns, and were it given for some
 failures and not others, a hostile host could point the server at ports of its own
 address and read, from that one flag, which of them listen (as `fleet.public_detail`
-keeps the failure's words from it). The tunnel is as trusted as the direct dial: the
-host's identity certificate opens it.
+keeps the failure's words from it); and since the turn is kept, it learns that one bit
+once. The tunnel is as trusted as the direct dial: the host's identity certificate
+opens it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class Routes:
     def __init__(self, tunnels: Tunnels) -> None:
         self.tunnels = tunnels
         self.direct_failures: dict[str, str] = {}  # auto hosts whose direct dial failed: why
+        self.direct_worked: set[str] = set()  # hosts a direct dial reached
 
     def via_tunnel(self, host: Host) -> bool:
         """(Every check-in's answer asks: no look at the stored report here.)"""
@@ -66,21 +71,24 @@ class Routes:
                 + (f"; direct was tried: {because}" if because else ""))
 
     def direct_failed(self, host: Host, reason: str) -> bool:
-        """The direct dial failed: an auto host turns to its tunnel (True)."""
-        if host.transport != Transport.AUTO:
+        """The direct dial failed: an auto host it never reached turns to its tunnel (True)."""
+        if host.transport != Transport.AUTO or host.id in self.direct_worked:
             return False
         self.direct_failures[host.id] = reason
         return True
 
     def forget(self, host_id: str) -> None:
         self.direct_failures.pop(host_id, None)
+        self.direct_worked.discard(host_id)
 
     async def dial(self, target: Target, ctx: ssl.SSLContext) -> tuple[Stream, str]:
         """A stream to the host's libvirtd, and the serial of the libvirtd certificate it
         served ("" through a tunnel: the tunnel's own certificate proved the host)."""
         if target.tunnel:
             return await self.tunnels.open_stream(target.host_id), ""
-        return await dial(target, ctx)
+        stream = await dial(target, ctx)
+        self.direct_worked.add(target.host_id)
+        return stream
 
     def describe(self, host: Host) -> dict[str, Any]:
         """The host's transport, for `hosts show`."""
