@@ -20,6 +20,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -38,6 +39,8 @@ from tests.test_admin_cli import checkin_as
 
 MakeAgent = Callable[..., Agent]
 ROOT_ACTOR = "root (uid 0)"
+# Times an element is found again when the live page replaced it mid-use.
+STALE_RETRIES = 5
 PAGES = ("/", "/hosts", "/hosts/{id}", "/hosts/{id}/forget", "/tokens", "/audit", "/sessions",
          "/events?since=0", "/static/web.js", "/static/web.css", "/no-such-page")
 POSTS = ("/hosts/{id}/disable", "/hosts/{id}/forget", "/tokens", "/tokens/x/revoke",
@@ -390,15 +393,26 @@ def until(driver: object, what: str, condition: Callable[[object], object], time
 
 
 def text_of(driver: object, selector: str) -> str:
-    from selenium.webdriver.common.by import By
-
-    return str(driver.find_element(By.CSS_SELECTOR, selector).text)  # type: ignore[attr-defined]
+    return str(on_element(driver, selector, lambda element: element.text))
 
 
 def click(driver: object, selector: str) -> None:
+    on_element(driver, selector, lambda element: element.click())
+
+
+def on_element(driver: object, selector: str, use: Callable[[Any], object]) -> object:
+    """`use` on the element `selector` finds, found again if the live page replaced it
+    between the find and the use (the page re-renders a host's rows and fields as its
+    events arrive)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    driver.find_element(By.CSS_SELECTOR, selector).click()  # type: ignore[attr-defined]
+    for _ in range(STALE_RETRIES):
+        try:
+            return use(driver.find_element(By.CSS_SELECTOR, selector))  # type: ignore[attr-defined]
+        except StaleElementReferenceException as error:
+            stale = error
+    raise stale
 
 
 def screenshots(tmp_path: Path) -> Path:
