@@ -98,10 +98,19 @@ class CertificateAuthority:
 
     @classmethod
     def load_or_create(cls, directory: Path, common_name: str) -> CertificateAuthority:
+        """The CA kept in `directory` (ca.key, ca.crt), made there first if need be."""
         key_path, cert_path = directory / "ca.key", directory / "ca.crt"
         if key_path.exists() and cert_path.exists():
             return cls(pki.load_key(key_path.read_bytes()), pki.load_cert(cert_path.read_bytes()))
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ca = cls.new(common_name)
+        write_atomic(key_path, pki.key_pem(ca.key), mode=0o600)
+        write_atomic(cert_path, ca.cert_pem)
+        log.info("created certificate authority %r in %s", common_name, directory)
+        return ca
+
+    @classmethod
+    def new(cls, common_name: str) -> CertificateAuthority:
         key = pki.new_key()
         name = x509.Name([
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
@@ -124,10 +133,15 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .sign(key, hashes.SHA256())
         )
-        write_atomic(key_path, pki.key_pem(key), mode=0o600)
-        write_atomic(cert_path, pki.cert_pem(cert))
-        log.info("created certificate authority %r in %s", common_name, directory)
         return cls(key, cert)
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> CertificateAuthority:
+        """From `to_pem`'s key and certificate (the database keeps them so)."""
+        return cls(pki.load_key(pem), pki.load_cert(pem))
+
+    def to_pem(self) -> bytes:
+        return pki.key_pem(self.key) + self.cert_pem.encode()
 
     @property
     def pin(self) -> str:

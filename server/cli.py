@@ -22,6 +22,7 @@ from urllib.parse import quote
 from common import VERSION, logs, wire
 from common.cli import Subcommands, ago, complete, duration, fail, print_json, printable, table, when
 from server.config import (
+    DEFAULT_CONFIG_FILE,
     DEFAULT_METRICS_LISTEN,
     DEFAULT_PORT,
     DEFAULT_RUN_DIR,
@@ -29,15 +30,17 @@ from server.config import (
     DEFAULT_WEB_LISTEN,
     DEFAULT_WEB_SESSION_IDLE,
     ServerConfig,
+    database_url,
     unreachable_url_problem,
     web_problem,
 )
-from server.store import DEFAULT_AUDIT_RETENTION
+from server.store import DEFAULT_AUDIT_RETENTION, StoreError
 from server.views import describe_facts, describe_transport, short
 
 EPILOG = """\
 examples:
   virtfleet-server serve --listen 0.0.0.0:8443 --advertise-url https://vdi.example.org:8443
+  virtfleet-server init --database postgresql://virtfleet@db.example.org/virtfleet
   virtfleet-server token create --role hypervisor --ttl 1h --uses 1
   virtfleet-server hosts list
   virtfleet-server hosts show hv-03
@@ -139,6 +142,17 @@ def add_shared_options(parser: argparse.ArgumentParser, after_command: bool = Fa
                         help="print machine-readable JSON")
 
 
+def add_database_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database", default=None, metavar="URL",
+                        help="PostgreSQL database the replicas share (postgresql://USER@HOST/DB; "
+                             "a password is better in ~/.pgpass or the --config file than here, "
+                             "where ps shows it). Default: the config file's, else SQLite in "
+                             "the state directory")
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help=f"settings file (TOML: database = \"URL\") (default {DEFAULT_CONFIG_FILE}, "
+                             "if it exists)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="virtfleet-server", description="Central server for virtfleet: enrolls KVM hosts "
@@ -150,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_shared_options(shared, after_command=True)
     sub = Subcommands(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
+    i = sub.add_parser("init", help="make the fleet's CAs and keys: in the state directory, or "
+                       "once in the database replicas share (--database)", parents=[shared])
+    add_database_options(i)
     s = sub.add_parser("serve", help="run the server", parents=[shared])
+    add_database_options(s)
     s.add_argument("--listen", type=parse_listen, default=("0.0.0.0", DEFAULT_PORT),
                    metavar="HOST:PORT", help=f"HTTPS address for agents (default 0.0.0.0:{DEFAULT_PORT})")
     s.add_argument("--advertise-url", default="", metavar="URL",
@@ -258,8 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     complete(parser)
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
+    if args.command in ("serve", "init"):
+        try:
+            args.database = database_url(args.database, args.config)
+        except ValueError as exc:
+            return fail(str(exc))
+        return serve(args) if args.command == "serve" else init(args)
     try:
         return run_admin(args)
     except AdminError as exc:
@@ -278,7 +300,8 @@ def serve(args: argparse.Namespace) -> int:
                     f"({args.checkin_interval:g} s): a healthy host would show as offline")
     lifetime = dt.timedelta(seconds=args.cert_lifetime)
     config = ServerConfig(
-        state_dir=args.state_dir, listen_host=args.listen[0], listen_port=args.listen[1],
+        state_dir=args.state_dir, database=args.database, listen_host=args.listen[0],
+        listen_port=args.listen[1],
         advertise_url=args.advertise_url, checkin_interval=args.checkin_interval,
         grace=args.grace, identity_cert_lifetime=lifetime, libvirt_cert_lifetime=lifetime,
         enroll_rate=args.enroll_rate, max_connections_per_address=args.max_connections_per_address,
@@ -294,8 +317,24 @@ def serve(args: argparse.Namespace) -> int:
         logging.getLogger("server").warning("%s (kept: it was given with --advertise-url)", problem)
     try:
         return asyncio.run(run_server(config))
-    except OSError as exc:
+    except (OSError, StoreError) as exc:
         return fail(f"cannot start: {exc}")
+
+
+def init(args: argparse.Namespace) -> int:
+    """The fleet's keys made (or found) where `serve` will look for them."""
+    from server.keys import initialize_state
+
+    logs.setup("virtfleet-server", "WARNING")
+    try:
+        where, keys, made = initialize_state(args.state_dir, args.database)
+    except (OSError, StoreError) as exc:
+        return fail(f"cannot initialize: {exc}")
+    print(f"{where}: {'fleet keys made' if made else 'fleet keys were there already, kept'}")
+    print(f"ca pin: {keys.identity_ca.pin}")
+    if args.database:
+        print("now start `virtfleet-server serve` with the same --database on each replica")
+    return 0
 
 
 def print_listing(as_json: bool, items: Any, headers: list[str], rows: list[Any]) -> None:

@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import ipaddress
 import socket
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -13,6 +14,8 @@ from urllib.parse import urlsplit
 from server.store import DEFAULT_AUDIT_RETENTION
 
 DEFAULT_STATE_DIR = Path("/var/lib/virtfleet-server")
+DEFAULT_CONFIG_FILE = Path("/etc/virtfleet/server.toml")
+CONFIG_KEYS = {"database"}
 DEFAULT_PORT = 8443
 DEFAULT_RUN_DIR = Path("/run/virtfleet-server")
 DEFAULT_METRICS_LISTEN = ("127.0.0.1", 9464)  # Prometheus's registered port for exporters
@@ -23,6 +26,7 @@ DEFAULT_WEB_SESSION_IDLE = 12 * 3600.0
 @dataclass
 class ServerConfig:
     state_dir: Path = DEFAULT_STATE_DIR
+    database: str = ""  # a postgresql:// URL shared by replicas; "": SQLite in state_dir
     listen_host: str = "0.0.0.0"
     listen_port: int = DEFAULT_PORT
     advertise_url: str = ""  # what join strings carry; derived from listen when empty
@@ -111,3 +115,37 @@ def web_problem(config: ServerConfig) -> str:
     if config.web_url and urlsplit(config.web_url).scheme not in ("http", "https"):
         return f"--web-url {config.web_url!r}: give an http:// or https:// URL"
     return ""
+
+
+def database_url(given: str | None, config_file: Path | None) -> str:
+    """The database URL: `--database`, else the config file's, else "" (SQLite). A
+    config file named with --config must exist; the default one may not."""
+    if given is not None:
+        return checked_database_url(given, "--database")
+    path = config_file or DEFAULT_CONFIG_FILE
+    try:
+        settings = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        if config_file is not None:
+            raise ValueError(f"--config {path}: no such file") from None
+        return ""
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    unknown = sorted(set(settings) - CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown setting {', '.join(map(repr, unknown))} "
+                         f"(known: {', '.join(sorted(CONFIG_KEYS))})")
+    url = settings.get("database", "")
+    if not isinstance(url, str):
+        raise ValueError(f"{path}: database must be a string (a postgresql:// URL)")
+    return checked_database_url(url, f"{path}: database") if url else ""
+
+
+def checked_database_url(url: str, what: str) -> str:
+    from server.store.postgres import check_url, redacted
+
+    problem = check_url(url)
+    if problem:
+        raise ValueError(f"{what} {redacted(url) if url.startswith('postgres') else repr(url)}: "
+                         f"{problem}")
+    return url

@@ -25,7 +25,6 @@ from prometheus_client import CollectorRegistry
 from common import notify
 from server import memory
 from server.audit import Audit
-from server.ca import CertificateAuthority
 from server.changes import ChangeLog
 from server.config import ServerConfig
 from server.doors import admin_api, agent_api, engine_api, metrics
@@ -35,6 +34,7 @@ from server.doors.guard import HANDSHAKE_TIMEOUT, ConnectionGuard, OncePer, rais
 from server.doors.web import WebDoor, create_web_app
 from server.fleet import Fleet, identify, retire_previous_libvirt_cert
 from server.hosts import HostStatus
+from server.keys import open_state
 from server.links.direct import Stream
 from server.links.manager import LinkManager
 from server.links.opener import LibvirtOpener
@@ -42,9 +42,8 @@ from server.links.pki import CLIENT_DN, dial_context, ensure_client_identity
 from server.links.routes import Routes
 from server.links.tunnels import AgentPort, Tunnels
 from server.model import AdminState, Connection, Host, LinkState
-from server.store import CHECKIN_FLUSH, Store, StoreError, open_store
+from server.store import CHECKIN_FLUSH, Store, StoreError
 from server.tls import ensure_server_cert, limit_tls_buffers, server_context, server_names
-from server.tokens import TokenSigner, load_or_create_signing_key
 from server.websessions import WebSessions
 
 log = logging.getLogger(__name__)
@@ -149,10 +148,8 @@ def build(config: ServerConfig) -> Parts:
     state = config.state_dir
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
     state.chmod(0o700)
-    identity_ca = CertificateAuthority.load_or_create(state / "identity", "virtfleet identity CA")
-    libvirt_ca = CertificateAuthority.load_or_create(state / "libvirt", "virtfleet libvirt CA")
-    signer = TokenSigner(load_or_create_signing_key(state / "token-signing.key"))
-    store = open_store(state)
+    store, keys = open_state(state, config.database)
+    identity_ca, libvirt_ca, signer = keys.identity_ca, keys.libvirt_ca, keys.signer
     key, cert = ensure_client_identity(libvirt_ca, state / "libvirt-client")
     (state / "libvirt-client" / "cacrl.pem").unlink(missing_ok=True)  # older servers' CRL
     states: dict[str, Connection] = {}

@@ -42,16 +42,22 @@ class TokenClaims:
 
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
     if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path}: expected an Ed25519 private key")
-        return key
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+        return load_signing_key(path.read_bytes(), str(path))
+    pem = new_signing_key_pem()
     write_atomic(path, pem, mode=0o600)
     log.info("created token-signing key %s", path)
+    return load_signing_key(pem, str(path))
+
+
+def new_signing_key_pem() -> bytes:
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def load_signing_key(pem: bytes, where: str) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{where}: expected an Ed25519 private key")
     return key
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Agent, Libvirtd, Server, free_port
+from tests.harness import Agent, Libvirtd, Postgres, Server, free_port
 
 # Short enough that offline detection and retries happen within a test's patience.
 FAST = ("--checkin-interval", "1", "--grace", "4")
@@ -55,3 +56,20 @@ def make_agent(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
     yield make
     for agent in agents:
         agent.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One PostgreSQL for the whole run (initdb takes seconds); each test takes a database
+    of its own (`database`)."""
+    pg = Postgres(free_port()).start()
+    yield pg
+    pg.close()
+
+
+@pytest.fixture
+def database(postgres: Postgres, request: pytest.FixtureRequest) -> str:
+    """The URL of a new, empty database for this test."""
+    name = "t_" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
+    postgres.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return postgres.new_database(name)

@@ -338,6 +338,70 @@ class Server:
                         f"host {ref} to be {status}")
 
 
+class Postgres:
+    """A real PostgreSQL 15 of the test's own: its cluster (initdb) in a temp dir owned by
+    the postgres user, as PostgreSQL refuses to run as root; its own port on `listen`
+    and its own unix socket dir; trust authentication (nothing but the test reaches it)."""
+
+    BIN = Path("/usr/lib/postgresql/15/bin")
+
+    def __init__(self, port: int, listen: str = "127.0.0.1", netns: str | None = None) -> None:
+        self.port, self.listen = port, listen
+        # Not under pytest's tmp dirs: those are root's alone, and postgres must reach it.
+        self.base = Path(tempfile.mkdtemp(prefix="vfpg-"))
+        self.base.chmod(0o755)
+        shutil.chown(self.base, "postgres", "postgres")
+        self.data = self.base / "data"
+        self.proc = Proc(self.as_postgres("postgres", "-D", str(self.data), "-p", str(port),
+                                          "-k", str(self.base), "-c", f"listen_addresses={listen}",
+                                          "-c", "max_connections=200"),
+                         self.base / "postgres.log", netns=netns)
+
+    @staticmethod
+    def as_postgres(program: str, *args: str) -> list[str]:
+        """`program` run as the postgres user (setpriv execs it: signals reach it)."""
+        return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups",
+                str(Postgres.BIN / program), *args]
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@{self.listen}:{self.port}/{database}"
+
+    def start(self) -> Postgres:
+        if not self.data.exists():
+            subprocess.run(self.as_postgres("initdb", "-D", str(self.data), "-U", "postgres",
+                                            "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"),
+                           check=True, capture_output=True, timeout=120)
+        self.proc.start()
+        wait_for(self.ready, 30, "PostgreSQL to accept connections")
+        return self
+
+    def ready(self) -> bool:
+        if not self.proc.alive():
+            raise AssertionError(f"PostgreSQL exited:\n{self.proc.log()}")
+        return subprocess.run([str(self.BIN / "pg_isready"), "-q", "-h", str(self.base),
+                               "-p", str(self.port)]).returncode == 0
+
+    def sql(self, statement: str, database: str = "postgres") -> str:
+        result = subprocess.run(["psql", "-X", "-qAt", "-h", str(self.base), "-p", str(self.port),
+                                 "-U", "postgres", "-d", database, "-v", "ON_ERROR_STOP=1",
+                                 "-c", statement], capture_output=True, text=True, timeout=30)
+        if result.returncode != 0:
+            raise AssertionError(f"psql {statement!r}: {result.stderr}")
+        return result.stdout.strip()
+
+    def new_database(self, name: str) -> str:
+        """A fresh database `name`; its URL."""
+        self.sql(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        self.proc.stop(signal.SIGINT)  # "fast" shutdown: clients are cut off, data kept
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
 class Agent:
     """`virtfleet-agent` with its own state dir and config file."""
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from common import wire
-from server.store.sqlite import HISTORY_BURST
+from server.store.sql import HISTORY_BURST
 from tests.harness import Agent, Server, free_port, wait_for
 
 pytestmark = pytest.mark.slow

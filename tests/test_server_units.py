@@ -22,16 +22,15 @@ from server.cli import build_parser as server_parser
 from server.cli import main as server_main
 from server.config import ServerConfig, unreachable_url_problem
 from server.fleet import checkin_delay
-from server.hosts import SWEEP_BATCH, HostStatus, derive
+from server.hosts import derive
 from server.links.direct import DialError, Target, dial
 from server.links.manager import LinkManager, reported_kvm_problem
 from server.links.opener import LibvirtOpener, Needs, OpenError, OpenLink
 from server.links.routes import Routes
 from server.links.tunnels import Tunnels
 from server.memory import GC_GROWTH, full_collection_due
-from server.model import Connection, Host, LinkState, Status, Token
+from server.model import Connection, Host, LinkState, Status
 from server.ratelimit import RateLimiter
-from server.store.sqlite import COUNTS_SQL, HISTORY_BURST, HISTORY_KEEP, SWEEP_SQL, SqliteStore
 
 
 def report(ok: bool = True, endpoint: bool = True, role: str = "mixed",
@@ -106,163 +105,6 @@ def test_shared_options_work_before_and_after_the_command() -> None:
 
 
 # -- the store ----------------------------------------------------------------
-
-
-def token(uses: int = 5) -> Token:
-    return Token(jti="t1", role="mixed", auto_enable=True, max_uses=uses, uses=0, created_at=0,
-                 expires_at=1e12, revoked_at=None, description="")
-
-
-def store_with(tmp_path: Path, hosts: list[Host]) -> SqliteStore:
-    store = SqliteStore(tmp_path / "state.db")
-    store.add_token(token(max(1, len(hosts))))
-    for host in hosts:
-        store.enroll(host, now=host.enrolled_at)
-    return store
-
-
-def revoked(store: SqliteStore) -> list[str]:
-    rows = store.db.execute("SELECT serial FROM libvirt_certs WHERE revoked_at IS NOT NULL "
-                            "ORDER BY serial").fetchall()
-    return [r[0] for r in rows]
-
-
-def test_forgetting_a_host_revokes_all_its_libvirt_certificates(tmp_path: Path) -> None:
-    store = store_with(tmp_path, [
-        make_host(id="h1", cert_serial="id-h1", libvirt_cert_serial="a1", libvirt_cert_not_after=1e3),
-        make_host(id="h2", cert_serial="id-h2", libvirt_cert_serial="b1", libvirt_cert_not_after=1e3)])
-    store.update_host("h1", libvirt_cert_serial="a2", libvirt_cert_not_after=2000.0)  # renewed
-    assert revoked(store) == []
-    store.forget_host("h1", now=30)
-    assert revoked(store) == ["a1", "a2"]
-    assert store.get_host("h2") is not None and store.host_by_serial("id-h1") is None
-    store.close()
-
-
-def test_a_renewal_revokes_all_but_the_current_and_previous_libvirt_certificates(
-        tmp_path: Path) -> None:
-    store = store_with(tmp_path, [make_host(cert_serial="i", libvirt_cert_serial="a1",
-                                            libvirt_cert_not_after=1e3)])
-    for serial in ("a2", "a3"):
-        store.update_host("h1", libvirt_cert_serial=serial, libvirt_cert_not_after=1e3)
-    store.revoke_libvirt_certs("h1", ("a3", "a2"), now=5)
-    assert revoked(store) == ["a1"]
-    store.close()
-
-
-def test_a_check_in_finds_its_host_by_index_not_by_scanning(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "state.db")
-    for column in ("cert_serial", "prev_cert_serial"):
-        plan = store.db.execute(f"EXPLAIN QUERY PLAN SELECT * FROM hosts WHERE {column}=?",
-                                ("ab",)).fetchall()
-        assert all("USING INDEX" in row["detail"] for row in plan), [row["detail"] for row in plan]
-    store.close()
-
-
-def test_the_sweep_reads_an_index_not_the_hosts_rows(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "state.db")
-    for query, args in ((COUNTS_SQL, ()), (SWEEP_SQL, (1, 1, 1))):
-        plan = [row["detail"] for row in store.db.execute(f"EXPLAIN QUERY PLAN {query}", args)]
-        assert any("COVERING INDEX hosts_liveness" in step for step in plan), plan
-    store.close()
-
-
-def test_a_queued_check_in_is_seen_by_the_next_lookup_and_by_every_read(tmp_path: Path) -> None:
-    store = store_with(tmp_path, [make_host(cert_serial="s1", last_checkin=1)])
-    host = store.host_by_serial("s1")
-    assert host is not None and host.libvirtd_ok
-    host.take_report(report(ok=False))
-    store.record_checkin(host, "10.0.0.9", now=50)
-    store.record_report(host)
-    again = store.host_by_serial("s1")  # laid over the row, not flushed
-    assert again is not None and not again.libvirtd_ok and again.last_checkin == 50
-    assert again.report.libvirtd.error == "socket gone" and again.address == "10.0.0.9"
-    assert again.report_digest == wire.report_digest(again.report_text) != ""
-    store.record_checkin(again, "10.0.0.9", now=60)  # a heartbeat: liveness alone
-    assert store.host_by_serial("s1").report_digest == again.report_digest  # type: ignore[union-attr]
-    fresh = SqliteStore(tmp_path / "state.db")  # another reader sees it once flushed
-    store.flush_checkins()
-    stored = fresh.get_host("h1")
-    assert stored is not None and stored.last_checkin == 60 and not stored.libvirtd_ok
-    assert stored.report_digest == again.report_digest
-    store.close()
-    fresh.close()
-
-
-def test_sweep_picks_only_hosts_whose_freshness_disagrees_with_their_status(tmp_path: Path) -> None:
-    now = time.time()
-    store = store_with(tmp_path, [
-        make_host(id="fresh", cert_serial="1", last_checkin=now),
-        make_host(id="stale", cert_serial="2", last_checkin=now - 100),
-        make_host(id="off-stale", cert_serial="3", status="offline", last_checkin=now - 100),
-        make_host(id="off-back", cert_serial="4", status="offline", last_checkin=now),
-        make_host(id="disabled", cert_serial="5", admin_state="disabled", last_checkin=now - 100),
-    ])
-    assert sorted(store.hosts_to_sweep(now - 30, started_at=0)) == ["off-back", "stale"]
-    # Within the grace period after a server start nobody is stale; the offline host that
-    # checked in is still due.
-    assert store.hosts_to_sweep(now - 30, started_at=now - 5) == ["off-back"]
-    store.close()
-
-
-def test_a_sweep_marks_thousands_offline_in_a_few_commits_and_keeps_offline_hosts_offline(
-        tmp_path: Path) -> None:
-    now = time.time()
-    many = [make_host(id=f"h{i}", cert_serial=f"s{i}", last_checkin=now - 100) for i in range(1200)]
-    store = store_with(tmp_path, many)
-    commits: list[str] = []
-    store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
-    status = HostStatus(store, grace=30, links={})
-    status.started_at = now - 60  # a server that has run longer than the grace period
-    asyncio.run(status.sweep())
-    assert store.status_counts() == {"offline": 1200}
-    assert len(commits) == -(-1200 // SWEEP_BATCH)  # one commit per batch, not per host
-    assert [e.status for e in store.history("h7")] == ["online", "offline"]
-    # After a restart a host already offline stays offline until it checks in.
-    restarted = HostStatus(store, grace=30, links={})
-    assert store.hosts_to_sweep(now - 30, restarted.started_at) == []
-    host = store.get_host("h7")
-    assert host is not None and restarted.refresh_host(host).status == Status.OFFLINE
-    store.close()
-
-
-def test_retries_that_fail_the_same_way_count_on_one_history_row(tmp_path: Path) -> None:
-    store = store_with(tmp_path, [make_host(cert_serial="s", status="connecting", detail="x")])
-    links: dict[str, Connection] = {}
-    status = HostStatus(store, grace=1e9, links=links)
-    for _ in range(12):  # connecting -> error -> connecting ... the same reason each time
-        links["h1"] = Connection(LinkState.CONNECTING, "opening qemu+tls://10.0.0.1:1/system")
-        status.refresh("h1")
-        links["h1"] = Connection(LinkState.ERROR, "libvirtd is not listening (connection refused)")
-        status.refresh("h1")
-    history = store.history("h1")
-    assert [e.status for e in history] == ["connecting", "error"]
-    assert history[-1].tries == 12 and history[-1].last_at is not None
-    links["h1"] = ONLINE
-    assert status.refresh("h1") is not None
-    assert [e.status for e in store.history("h1")] == ["connecting", "error", "online"]
-    store.close()
-
-
-def test_a_flood_of_new_error_texts_cannot_grow_the_history(tmp_path: Path) -> None:
-    store = store_with(tmp_path, [make_host(cert_serial="s")])
-    now = 1000.0
-    store.set_statuses([("h1", "error", f"error {i}", now + i / 100, True) for i in range(500)])
-    history = store.history("h1", limit=1000)
-    assert len(history) == 1 + HISTORY_BURST and history[-1].detail == "error 499"
-    assert sum(e.tries for e in history[1:]) == 500  # every one counted, few rows kept
-    for i in range(HISTORY_KEEP + 50):  # a status change every minute, for hours
-        store.set_statuses([("h1", ("error", "online")[i % 2], "x", now + 60 * (i + 1), True)])
-    assert len(store.history("h1", limit=10_000)) == HISTORY_KEEP
-    store.close()
-
-
-def test_a_newer_schema_is_refused_with_words(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "state.db")
-    store.db.execute("PRAGMA user_version=99")
-    store.close()
-    with pytest.raises(Exception, match="newer than this server knows"):
-        SqliteStore(tmp_path / "state.db")
 
 
 def test_a_full_garbage_collection_is_due_once_memory_grew_and_settled() -> None:
@@ -680,18 +522,6 @@ def test_the_server_exits_non_zero_naming_a_background_task_that_died(
     code = asyncio.run(asyncio.wait_for(server_main_mod.serve(config), 20))
     assert code == 1
     assert "background task garbage-collector stopped: RuntimeError('collector broke')" in caplog.text
-
-
-def test_expired_certificates_and_unused_old_tokens_are_pruned(tmp_path: Path) -> None:
-    store = store_with(tmp_path, [make_host(cert_serial="i", libvirt_cert_serial="a1",
-                                            libvirt_cert_not_after=1000.0)])
-    store.update_host("h1", libvirt_cert_serial="a2", libvirt_cert_not_after=1e12)
-    store.add_token(Token(jti="old", role="mixed", auto_enable=True, max_uses=1, uses=0,
-                          created_at=0, expires_at=10, revoked_at=None, description=""))
-    assert store.prune(now=1000.0 + 86400 * 40) == 2  # a1 and the unused expired token
-    assert [r[0] for r in store.db.execute("SELECT serial FROM libvirt_certs")] == ["a2"]
-    assert {t.jti for t in store.list_tokens()} == {"t1"}  # h1 joined with it: kept
-    store.close()
 
 
 def test_a_join_url_only_this_machine_can_reach_is_refused(

@@ -133,3 +133,106 @@ SQLITE_MIGRATIONS = [
     ALTER TABLE hosts ADD COLUMN transport TEXT NOT NULL DEFAULT 'direct';
     """,
 ]
+
+# PostgreSQL started at SQLite's schema version 9: its first migration makes that shape
+# at once, plus what only replicas share (the CAs' and the token-signing keys).
+# Times are seconds since the epoch in DOUBLE PRECISION (REAL is 4 bytes there).
+POSTGRES_MIGRATIONS = [
+    # 1
+    """
+    CREATE TABLE tokens (
+        jti TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        auto_enable BOOLEAN NOT NULL,
+        max_uses INTEGER NOT NULL,
+        uses INTEGER NOT NULL DEFAULT 0,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION,
+        description TEXT NOT NULL DEFAULT '',
+        transport TEXT NOT NULL DEFAULT 'direct'
+    );
+    CREATE TABLE hosts (
+        id TEXT PRIMARY KEY,
+        hostname TEXT NOT NULL,
+        admin_state TEXT NOT NULL,
+        configured_role TEXT NOT NULL,
+        role_override TEXT,
+        role_limit TEXT NOT NULL,
+        status TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        status_since DOUBLE PRECISION NOT NULL,
+        enrolled_at DOUBLE PRECISION NOT NULL,
+        last_checkin DOUBLE PRECISION,
+        address TEXT NOT NULL DEFAULT '',
+        agent_version TEXT NOT NULL DEFAULT '',
+        report TEXT NOT NULL DEFAULT '{}',
+        token_jti TEXT NOT NULL,
+        cert_serial TEXT NOT NULL,
+        cert_not_after DOUBLE PRECISION NOT NULL,
+        prev_cert_serial TEXT,
+        libvirt_cert_serial TEXT,
+        libvirt_cert_not_after DOUBLE PRECISION,
+        libvirt_cert_address TEXT,
+        prev_libvirt_cert_serial TEXT,
+        libvirtd_ok BOOLEAN NOT NULL DEFAULT FALSE,
+        report_digest TEXT NOT NULL DEFAULT '',
+        transport TEXT NOT NULL DEFAULT 'direct'
+    );
+    CREATE UNIQUE INDEX hosts_cert_serial ON hosts(cert_serial);
+    CREATE INDEX hosts_prev_cert_serial ON hosts(prev_cert_serial);
+    CREATE INDEX hosts_liveness ON hosts(admin_state, status, last_checkin, enrolled_at, id);
+    CREATE TABLE host_events (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        host_id TEXT NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        at DOUBLE PRECISION NOT NULL,
+        status TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        tries INTEGER NOT NULL DEFAULT 1,
+        last_at DOUBLE PRECISION
+    );
+    CREATE INDEX host_events_host ON host_events(host_id, seq);
+    CREATE TABLE libvirt_certs (
+        serial TEXT PRIMARY KEY,
+        host_id TEXT NOT NULL,
+        not_after DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION
+    );
+    CREATE TABLE audit (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        host_id TEXT NOT NULL DEFAULT '',
+        address TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX audit_at ON audit(at);
+    CREATE INDEX audit_host ON audit(host_id, at);
+    CREATE TABLE web_logins (
+        digest TEXT PRIMARY KEY,
+        created_by TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        used_at DOUBLE PRECISION
+    );
+    CREATE TABLE web_sessions (
+        id TEXT PRIMARY KEY,
+        digest TEXT NOT NULL UNIQUE,
+        created_by TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL,
+        address TEXT NOT NULL DEFAULT '',
+        user_agent TEXT NOT NULL DEFAULT '',
+        revoked_at DOUBLE PRECISION
+    );
+    -- what every replica must hold alike: the CAs and the token-signing key, as PEM
+    CREATE TABLE key_material (
+        name TEXT PRIMARY KEY,
+        pem BYTEA NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    """,
+]

@@ -1,0 +1,216 @@
+"""PostgreSQL store: what several server replicas share (`serve --database URL`).
+
+The same SQL as SQLite's (sql.py) over one psycopg connection in autocommit mode, each
+multi-row change in an explicit transaction. Commits are durable (synchronous_commit)
+but for queued check-ins. Other replicas write the same rows, so nothing read is cached.
+Besides the fleet's state it keeps what every replica must hold alike: the CAs and the
+token-signing key (`key_material`), written once by `virtfleet-server init`.
+
+The store is called from the server's event loop, so a database that stops answering
+must be noticed in seconds: connect, statement and TCP timeouts below.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import psycopg.conninfo
+
+from server.store import StoreError, StoreUnavailable
+from server.store.migrations import POSTGRES_MIGRATIONS
+from server.store.sql import SqlStore
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_MS = 5000
+CONNECT_OPTIONS: dict[str, Any] = {
+    "connect_timeout": TIMEOUT_MS // 1000,
+    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2,
+    "tcp_user_timeout": TIMEOUT_MS,  # unacknowledged data (a partition): an error, not a hang
+    "options": f"-c statement_timeout={TIMEOUT_MS} -c lock_timeout={TIMEOUT_MS}",
+    "application_name": "virtfleet-server",
+}
+# Held while migrating, so replicas starting together migrate one after the other.
+MIGRATION_LOCK = 0x76666C74  # "vflt"
+
+
+def redacted(url: str) -> str:
+    """The database URL without its password, for logs and messages."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "(a database URL that does not parse)"
+    params.pop("password", None)
+    host, port, name = params.get("host", ""), params.get("port", ""), params.get("dbname", "")
+    return f"postgresql://{params.get('user', '')}@{host}{':' + str(port) if port else ''}/{name}"
+
+
+def check_url(url: str) -> str:
+    """Why `url` is no PostgreSQL URL libpq takes, or ""."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return "give a postgresql:// URL"
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        # libpq quotes the whole URI in some of its words: a password must not follow.
+        words = re.sub(r'"[^"]*(?:://|@)[^"]*"', "(the URL)", str(exc).strip())
+        return f"libpq cannot read it: {words}"
+    return ""
+
+
+class Row(tuple):  # type: ignore[type-arg]
+    """A result row by index or by column name, as sqlite3.Row."""
+
+    _index: dict[str, int]
+
+    def __new__(cls, values: Sequence[Any], index: dict[str, int]) -> Row:
+        row = super().__new__(cls, values)
+        row._index = index
+        return row
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(self._index[key] if isinstance(key, str) else key)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+def _rows(cursor: Any) -> Callable[[Sequence[Any]], Row]:
+    index = {column.name: i for i, column in enumerate(cursor.description or ())}
+    return functools.partial(Row, index=index)
+
+
+@functools.lru_cache(maxsize=256)
+def _dialect(sql: str) -> str:
+    """sqlite3's `?` placeholders as psycopg's `%s` (no statement here holds a `%`)."""
+    return sql.replace("?", "%s")
+
+
+class PgConnection:
+    """psycopg used as the SQL store uses sqlite3: `execute`, `executemany`, rows by name.
+    After the database went away the next call connects again (not inside a
+    transaction: that one fails). A psycopg error is StoreUnavailable, in words."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.where = url, redacted(url)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._pinned: psycopg.Connection[Any] | None = None  # the open transaction's
+
+    def connection(self) -> psycopg.Connection[Any]:
+        if self._pinned is not None:
+            return self._pinned
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            try:
+                self._conn = psycopg.connect(self.url, autocommit=True, row_factory=_rows,
+                                             **CONNECT_OPTIONS)
+            except psycopg.Error as exc:
+                raise self.unavailable(exc) from exc
+        return self._conn
+
+    def unavailable(self, exc: Exception) -> StoreUnavailable:
+        return StoreUnavailable(f"the database {self.where} cannot be used: "
+                                f"{str(exc).strip() or type(exc).__name__}")
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        try:
+            return self.connection().execute(_dialect(sql), args or None)
+        except psycopg.OperationalError as exc:
+            raise self.unavailable(exc) from exc
+
+    def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> psycopg.Cursor[Any]:
+        try:
+            cursor = self.connection().cursor()
+            cursor.executemany(_dialect(sql), args)
+            return cursor
+        except psycopg.OperationalError as exc:
+            raise self.unavailable(exc) from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[PgConnection]:
+        if self._pinned is not None:  # nested: part of the open one
+            yield self
+            return
+        conn = self.connection()
+        try:
+            with conn.transaction():
+                self._pinned = conn
+                yield self
+        except psycopg.OperationalError as exc:
+            raise self.unavailable(exc) from exc
+        finally:
+            self._pinned = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+class PostgresStore(SqlStore):
+    SWEEP_SQL = ("SELECT id FROM hosts WHERE admin_state='enabled' AND CASE WHEN status='offline' "
+                 "THEN COALESCE(last_checkin, enrolled_at) >= ? "
+                 "ELSE GREATEST(COALESCE(last_checkin, enrolled_at), ?) < ? END")
+    TRIM_HISTORY_SQL = ("DELETE FROM host_events WHERE seq IN (SELECT seq FROM host_events "
+                        "WHERE host_id=? ORDER BY seq DESC OFFSET ?)")
+    db: PgConnection
+
+    def __init__(self, url: str) -> None:
+        self.db = PgConnection(url)
+        self.where = self.db.where
+        try:
+            self._migrate()
+        except BaseException:
+            self.db.close()
+            raise
+        super().__init__()
+
+    def _close_connection(self) -> None:
+        self.db.close()
+
+    def _migrate(self) -> None:
+        with self.transaction() as db:
+            db.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            if version > len(POSTGRES_MIGRATIONS):
+                raise StoreError(
+                    f"the database {self.where} has schema version {version}, newer than "
+                    f"this server knows ({len(POSTGRES_MIGRATIONS)}): upgrade virtfleet-server")
+            for number, script in enumerate(POSTGRES_MIGRATIONS[version:], start=version + 1):
+                db.execute(script)
+                log.info("database %s migrated to schema version %d", self.where, number)
+            if row is None:
+                db.execute("INSERT INTO schema_version VALUES (?)", (len(POSTGRES_MIGRATIONS),))
+            elif version < len(POSTGRES_MIGRATIONS):
+                db.execute("UPDATE schema_version SET version=?", (len(POSTGRES_MIGRATIONS),))
+
+    def transaction(self) -> Any:
+        return self.db.transaction()
+
+    @contextmanager
+    def checkin_transaction(self) -> Iterator[PgConnection]:
+        with self.db.transaction() as db:
+            db.execute("SET LOCAL synchronous_commit = off")
+            yield db
+
+    # -- what every replica shares ------------------------------------------
+
+    def key_material(self, name: str) -> bytes | None:
+        row = self.db.execute("SELECT pem FROM key_material WHERE name=?", (name,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def add_key_material(self, name: str, pem: bytes) -> bytes:
+        """Keep `pem` as `name` unless another replica did first; returns the one kept."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO key_material VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                       (name, pem, time.time()))
+        kept = self.key_material(name)
+        assert kept is not None
+        return kept
