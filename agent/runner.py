@@ -163,6 +163,8 @@ class Runner:
         outcome = await check_in(self.client, self.config, self.state, self.local, self.acked)
         self._saw_libvirtd(outcome.report.libvirtd.ok)
         delay = self._succeeded(outcome) if outcome.ok else self._failed(outcome)
+        if outcome.answer is not None:
+            self._keep_replicas(outcome.answer)
         self.book.record(outcome, delay, self.tunnel.describe() if self.tunnel else None)
         if outcome.answer is not None and time.monotonic() - self._move_tried >= MOVE_RETRY:
             await self._follow(outcome.answer)
@@ -180,6 +182,39 @@ class Runner:
         self.client = moved
         if self.tunnel is not None:
             self.tunnel.move(self.enrollment.server_url)
+
+    def _keep_replicas(self, answer: wire.CheckinResponse) -> None:
+        """The check-in went to a replica other than the enrolled URL (that one stopped
+        answering): this one is the server now. And the replicas' URLs are kept for the
+        next time one stops answering."""
+        moved = self.client.url != self.enrollment.server_url
+        if moved:
+            event(log, "server_moved", "checking in with %s now (%s did not answer)", self.client.url,
+                  self.enrollment.server_url, host_id=self.enrollment.host_id)
+            self.enrollment.server_url = self.certs.url = self.client.url
+            if self.tunnel is not None:
+                self.tunnel.move(self.client.url)
+        if moved or (answer.server_urls and answer.server_urls != self.enrollment.replica_urls):
+            self.enrollment.replica_urls = list(answer.server_urls)
+            try:
+                self.state.update_enrollment(self.enrollment)
+            except OSError as exc:
+                log.warning("cannot save the server's replicas: %s", exc)
+
+    def _next_replica(self) -> None:
+        """The server did not answer, or answered that it cannot serve (5xx): the next
+        check-in goes to the next replica it named (after the same jittered wait, so the
+        hosts of a replica that died do not all arrive at another at once)."""
+        ring = self.enrollment.replica_urls
+        if len(ring) < 2 or self.enrollment.server_url_by_hand:
+            return
+        current = self.client.url
+        after = ring[(ring.index(current) + 1) % len(ring)] if current in ring else ring[0]
+        if after == current:
+            return
+        log.warning("%s does not serve this host now: the next check-in goes to %s", current, after)
+        self.client.close()
+        self.client = ServerClient(after, self.certs.current)
 
     def _succeeded(self, outcome: Outcome) -> float:
         answer = outcome.answer
@@ -227,6 +262,8 @@ class Runner:
             return self._interval if outcome.verdict is Verdict.ROLE_REFUSED else REFUSED_WAIT
         assert outcome.error is not None
         delay = retry_delay(self.backoff, outcome.error, self.reconnect_window)
+        if outcome.error.status is None or outcome.error.status >= 500:
+            self._next_replica()
         log.warning("check-in failed (%s); retrying in %.1f s", outcome.message, delay)
         notify.status(f"cannot check in with {self.enrollment.server_url}: {outcome.message}; "
                       f"next try at {_clock(time.time() + delay)}, last success "

@@ -20,7 +20,7 @@ import json
 import os
 import ssl
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class Enrollment:
     # server_url was chosen with `set-server`: the URLs the server names in its answers
     # do not move it (a new join clears it).
     server_url_by_hand: bool = False
+    # Every URL the server's replicas answer at, as their last answer named them: where
+    # the host checks in when its server stops answering.
+    replica_urls: list[str] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Enrollment:

@@ -26,6 +26,8 @@ MESSAGE_IDS = {
     "status_changed": uuid.UUID("5f0c1b0e-8f7c-4c5e-9a2b-0d6b7f1e2a08"),
     "tunnel_open": uuid.UUID("5f0c1b0e-8f7c-4c5e-9a2b-0d6b7f1e2a09"),
     "tunnel_closed": uuid.UUID("5f0c1b0e-8f7c-4c5e-9a2b-0d6b7f1e2a0a"),
+    "server_moved": uuid.UUID("5f0c1b0e-8f7c-4c5e-9a2b-0d6b7f1e2a0b"),
+    "leases_dropped": uuid.UUID("5f0c1b0e-8f7c-4c5e-9a2b-0d6b7f1e2a0c"),
 }
 
 

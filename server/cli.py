@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     wr = wsub.add_parser("revoke", help="end a web session at once", parents=[shared])
     wr.add_argument("id", type=reference, help="session id, or a unique prefix of it")
     sub.add_parser("status", help="the server's URL, CA pin and host counts", parents=[shared])
+    sub.add_parser("replicas", help="the replicas sharing this server's database: health and "
+                   "how many hosts each owns", parents=[shared])
     au = sub.add_parser("audit", help="who enrolled, created, revoked, enabled, disabled, forgot "
                         "or set the role of what, and how it ended", parents=[shared])
     au.add_argument("--since", type=since_time, default=None, metavar="DURATION|TIME",
@@ -362,7 +364,21 @@ def run_admin(args: argparse.Namespace) -> int:
         return audit_command(args, state)
     if args.command in ("web-login", "web-sessions"):
         return web_command(args, state)
+    if args.command == "replicas":
+        return replicas_command(args, state)
     return hosts_command(args, state)
+
+
+def replicas_command(args: argparse.Namespace, state: Path) -> int:
+    replicas = admin_call(state, "GET", "/v1/replicas")
+    if not replicas and not args.json:
+        print("this server runs alone (no --database): it owns every host")
+        return 0
+    print_listing(args.json, replicas, ["replica", "url", "health", "hosts", "started", "last seen"], [
+        (r["id"] + (" (this one)" if r["me"] else ""), r["url"],
+         "alive" if r["alive"] else "gone", r["hosts"], when(r["started_at"]), ago(r["seen_at"]))
+        for r in replicas])
+    return 0
 
 
 AUDIT_DEFAULT_SPAN = 7 * 86400.0
@@ -507,6 +523,8 @@ def render_host(h: dict[str, Any]) -> str:
         + (f", since {when(conn['connected_since'])}" if conn.get("connected_since") else ""),
     ]
     lines.append(f"  transport:     {describe_transport(conn.get('transport') or {})}")
+    if h.get("owner"):
+        lines.append(f"  owner:         replica {h['owner']} (holds its libvirt connection)")
     gateway = h.get("gateway") or {}
     lines.append(f"  gateway:       {h.get('gateway_uri')} ({gateway.get('open', 0)} open, "
                  f"{gateway.get('accepted', 0)} relayed, {gateway.get('refused', 0)} refused)")

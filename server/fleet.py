@@ -86,9 +86,11 @@ class Fleet:
                  libvirt_ca: CertificateAuthority, signer: TokenSigner, status: HostStatus,
                  links: LinkControl, link_states: Mapping[str, Connection],
                  libvirt_client_dn: str, audit: Audit,
-                 tunnel_wanted: Callable[[Host], bool] = lambda _host: False) -> None:
+                 tunnel_wanted: Callable[[Host], bool] = lambda _host: False,
+                 other_replicas: Callable[[], list[str]] = list) -> None:
         """`tunnel_wanted(host)`: whether the host's libvirt is reached through a tunnel
-        its agent opens (links/routes.Routes.via_tunnel)."""
+        its agent opens (links/routes.Routes.via_tunnel); `other_replicas()`: the URLs of
+        the other live replicas, which an agent moves to when this one stops answering."""
         self.config = config
         self.store = store
         self.identity_ca = identity_ca
@@ -100,6 +102,7 @@ class Fleet:
         self.libvirt_client_dn = libvirt_client_dn
         self.audit = audit
         self.tunnel_wanted = tunnel_wanted
+        self.other_replicas = other_replicas
         self.reconnect_window = MIN_RECONNECT_WINDOW
         self._checkins = RateLimiter(CHECKIN_RATE, CHECKIN_BURST)
         self._renewals = RateLimiter(RENEW_RATE, RENEW_BURST)
@@ -288,7 +291,7 @@ class Fleet:
             checkin_interval=checkin_delay(host.id, now, self.config.checkin_interval),
             # The host moved: its libvirtd certificate no longer names the address we dial.
             renew=host.libvirt_cert_address not in (None, address),
-            server_urls=[self.config.url], report_digest=host.report_digest,
+            server_urls=[self.config.url, *self.other_replicas()], report_digest=host.report_digest,
             send_report=send_report, reconnect_window=self.reconnect_window,
             tunnel=self.tunnel_wanted(host))
 

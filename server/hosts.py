@@ -92,9 +92,13 @@ class HostStatus:
     link manager keeps it (read here, written there)."""
 
     def __init__(self, store: Store, grace: float, links: Mapping[str, Connection],
-                 on_change: Callable[[Host], object] = lambda _host: None) -> None:
-        """`on_change(host)`: after each change of a host's status or detail."""
+                 on_change: Callable[[Host], object] = lambda _host: None,
+                 owns: Callable[[str], bool] = lambda _id: True) -> None:
+        """`on_change(host)`: after each change of a host's status or detail; `owns(id)`:
+        whether this server owns the enabled host (server/replicas.py): only its owner,
+        which holds its connection, derives its status."""
         self.store = store
+        self.owns = owns
         self.on_change = on_change
         self.grace = grace
         self.links = links
@@ -119,6 +123,8 @@ class HostStatus:
     def refresh_host(self, host: Host) -> Host:
         """Re-derive the status of `host`, a row the caller holds up to date (a check-in
         just wrote it: no second read); record it if it changed."""
+        if host.admin_state == AdminState.ENABLED and not self.owns(host.id):
+            return host
         change = self._change(host, time.time())
         if change is None:
             return host
@@ -173,7 +179,8 @@ class HostStatus:
         event loop serves check-ins between batches: after an outage thousands of hosts
         may change at once, and a commit each would stall the server for seconds."""
         now = time.time()
-        due = self.store.hosts_to_sweep(now - self.grace, self.started_at)
+        due = [h for h in self.store.hosts_to_sweep(now - self.grace, self.started_at)
+               if self.owns(h)]
         for start in range(0, len(due), SWEEP_BATCH):
             batch = [h for h in map(self.store.get_host, due[start:start + SWEEP_BATCH]) if h]
             changes = [(h, c) for h in batch if (c := self._change(h, now)) is not None]

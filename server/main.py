@@ -42,6 +42,7 @@ from server.links.pki import CLIENT_DN, dial_context, ensure_client_identity
 from server.links.routes import Routes
 from server.links.tunnels import AgentPort, Tunnels
 from server.model import AdminState, Connection, Host, LinkState
+from server.replicas import Leases, SoleOwner, replica_id
 from server.store import CHECKIN_FLUSH, Store, StoreError
 from server.tls import ensure_server_cert, limit_tls_buffers, server_context, server_names
 from server.websessions import WebSessions
@@ -69,6 +70,7 @@ class Parts:
     registry: CollectorRegistry
     instruments: metrics.Instruments
     sessions: WebSessions
+    ownership: SoleOwner | Leases
 
     def close(self) -> None:
         self.opener.stop()
@@ -161,18 +163,43 @@ def build(config: ServerConfig) -> Parts:
                       and s.state == LinkState.ONLINE, config.engine_group)
     changes = ChangeLog()
     feed = EngineFeed(changes, gateway.uri, states)
-    status = HostStatus(store, config.grace, states, on_change=feed.publish)
+    ownership = owners(config, store, tunnels)
+    status = HostStatus(store, config.grace, states, on_change=feed.publish, owns=ownership.owns)
     opener = LibvirtOpener(ctx, config.run_dir / "links", dial=routes.dial)
     links = LinkManager(opener, routes, store.get_host, states, on_change=status.refresh,
-                        on_served=functools.partial(retire_previous_libvirt_cert, store))
+                        on_served=functools.partial(retire_previous_libvirt_cert, store),
+                        owns=ownership.owns)
     events = HostEvents(store, links, gateway, feed, routes)
     tunnels.on_change = events.tunnel_changed
+    if isinstance(ownership, Leases):
+        ownership.on_change = functools.partial(ownership_changed, events, status)
     fleet = Fleet(config, store, identity_ca, libvirt_ca, signer, status, events, states, CLIENT_DN,
-                  Audit(store), tunnel_wanted=routes.via_tunnel)
+                  Audit(store), tunnel_wanted=routes.via_tunnel,
+                  other_replicas=ownership.other_urls)
     registry = metrics.registry_with_process()
     sessions = WebSessions(store, fleet.audit, config.web_base_url, config.web_session_idle)
     return Parts(config, store, fleet, status, links, opener, routes, gateway, changes, events,
-                 registry, metrics.Instruments(registry), sessions)
+                 registry, metrics.Instruments(registry), sessions, ownership)
+
+
+def owners(config: ServerConfig, store: Store, tunnels: Tunnels) -> SoleOwner | Leases:
+    """Who owns each host's connection: this server, or the replicas' leases."""
+    if not config.database:
+        return SoleOwner()
+    from server.store.postgres import PostgresStore
+
+    assert isinstance(store, PostgresStore)
+    leases = Leases(store, replica_id(config.state_dir), config.url,
+                    tunnel_hosts=lambda: set(tunnels.links), on_change=lambda _ids: None)
+    store.fence = leases.fence
+    return leases
+
+
+def ownership_changed(events: HostEvents, status: HostStatus, host_ids: list[str]) -> None:
+    """Hosts taken, given up, or changed at another replica: their links follow."""
+    for host_id in host_ids:
+        events.host_changed(host_id)
+        status.refresh(host_id)
 
 
 def metrics_state(parts: Parts, guard: ConnectionGuard) -> metrics.State:
@@ -312,7 +339,8 @@ async def serve(config: ServerConfig) -> int:
     agent_runner = web.AppRunner(agent_api.create_app(parts.fleet, parts.instruments),
                                  access_log=None)
     admin_runner = web.AppRunner(admin_api.create_admin_app(parts.fleet, parts.links,
-                                                            parts.gateway, parts.sessions),
+                                                            parts.gateway, parts.sessions,
+                                                            parts.ownership),
                                  access_log=None)
     engine_runner = web.AppRunner(engine_api.create_engine_app(parts.changes), access_log=None)
     metrics_runner = web.AppRunner(metrics.create_metrics_app(parts.registry, metrics_state(
@@ -340,6 +368,8 @@ async def serve(config: ServerConfig) -> int:
         supervisor.start("garbage-collector", memory.collect_garbage_forever)
         supervisor.start("watchdog", loops.watchdog_forever)
         supervisor.start("store-pruner", loops.prune_forever)
+        if isinstance(parts.ownership, Leases):
+            supervisor.start("leases", parts.ownership.run_forever)
         # Not aiohttp's TCPSite: it sets no deadline for the TLS handshake.
         listener = await asyncio.get_running_loop().create_server(
             lambda: AgentPort(http, parts.routes.tunnels), config.listen_host, config.listen_port,
@@ -370,6 +400,7 @@ async def serve(config: ServerConfig) -> int:
         await admin_runner.cleanup()
         await agent_runner.cleanup()
         await parts.links.stop()
+        await parts.ownership.close()
         parts.close()
         parts.gateway.remove_run_dir()  # emptied by the parts above
     return 1 if failed else 0

@@ -3,14 +3,16 @@ they share (keys, tokens, hosts) and how a replica refuses a database it cannot 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from common import wire
 from tests.conftest import FAST
-from tests.harness import VENV_BIN, Agent, Postgres, Server, free_port
+from tests.harness import VENV_BIN, Agent, Libvirtd, Postgres, Server, free_port, wait_for
 
 MakeAgent = Callable[..., Agent]
 
@@ -108,3 +110,78 @@ def test_a_database_password_appears_in_no_output_or_log(
         server.close()
     shown = made.stdout + made.stderr + server.proc.log() + stopped.stdout + stopped.stderr
     assert "pw-s3cret" not in shown and "postgresql://postgres@127.0.0.1:1/" in stopped.stderr
+
+
+def tls_clients(lv: Libvirtd) -> int:
+    """The libvirtd's clients on its TLS port, as virt-admin lists them."""
+    out = subprocess.run(["virt-admin", "-c", f"libvirtd:///system?socket={lv.sock_dir}/libvirt-admin-sock",
+                          "srv-clients-list", "libvirtd"], capture_output=True, text=True, timeout=10,
+                         check=True).stdout
+    return sum(1 for line in out.splitlines() if " tls " in f" {line} ")
+
+
+def replica_ids(*servers: Server) -> list[str]:
+    return [next(r["id"] for r in s.api("GET", "/v1/replicas") if r["me"]) for s in servers]
+
+
+def owners(server: Server, host_ids: list[str]) -> dict[str, str]:
+    return {h: server.host(h)["owner"] for h in host_ids}
+
+
+def initialized(database: str, tmp_path: Path) -> None:
+    made = server_cli("init", "--database", database, state=tmp_path / "init")
+    assert made.returncode == 0, made.stderr
+
+
+def hosts_joined(tmp_path: Path, server: Server, make_agent: MakeAgent,
+                 count: int) -> tuple[list[str], list[Libvirtd]]:
+    daemons = [Libvirtd(tmp_path / f"lv{i}", free_port()) for i in range(count)]
+    token = server.token("--uses", str(count))
+    ids = []
+    for i, lv in enumerate(daemons):
+        lv.start()
+        agent = make_agent(f"hv-{i}", lv)
+        assert agent.join(token).returncode == 0
+        agent.start()
+        ids.append(agent.host_id())
+    return ids, daemons
+
+
+def test_each_host_has_one_owner_and_moves_within_seconds_when_its_owner_is_killed(
+        database: str, tmp_path: Path, make_agent: MakeAgent) -> None:
+    initialized(database, tmp_path)
+    first, second = replica(tmp_path, "a", database), replica(tmp_path, "b", database)
+    daemons: list[Libvirtd] = []
+    try:
+        first.start(), second.start()
+        ids, daemons = hosts_joined(tmp_path, first, make_agent, 4)
+        a, b = replica_ids(first, second)
+        wait_for(lambda: all(second.host(h)["status"] == "online" for h in ids)
+                 and sorted(owners(second, ids).values()) == sorted([a, a, b, b]), 30,
+                 "every host online, two owned by each replica")
+        assert [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1]
+        first.proc.stop(signal.SIGKILL)
+        killed, seen, most_clients = time.monotonic(), set(), 0
+
+        def all_back_at_b() -> list[tuple[str, str, str]]:
+            nonlocal most_clients
+            hosts = [second.host(h) for h in ids]
+            seen.update(h["status"] for h in hosts)
+            most_clients = max(most_clients, *(tls_clients(lv) for lv in daemons))
+            shown = [(h["owner"], h["status"], h["detail"]) for h in hosts]
+            return [] if all(o == b and s == "online" for o, s, _ in shown) else shown
+
+        wait_for(lambda: not (last := all_back_at_b()) or print(last), 15,
+                 "the killed replica's hosts owned and online at the other", interval=0.1)
+        took = time.monotonic() - killed
+        assert took < 10 and "offline" not in seen and most_clients == 1, (took, seen, most_clients)
+        assert [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1]
+        listed = {r["id"]: r for r in second.api("GET", "/v1/replicas")}
+        assert not listed[a]["alive"] and listed[b]["alive"] and listed[b]["hosts"] == 4
+        shown = second.admin("replicas").stdout
+        assert f"{b} (this one)" in shown and "gone" in shown
+    finally:
+        first.close()
+        second.close()
+        for lv in daemons:
+            lv.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -22,22 +22,31 @@ from server.config import unreachable_url_problem
 from server.doors.http import FLEET, errors_middleware, fleet_of
 from server.fleet import Fleet, Refused
 from server.model import Transport
+from server.replicas import ReplicaInfo
 from server.websessions import WebSessions
 
 LINKS = "virtfleet.links"
 GATEWAY = "virtfleet.gateway"
 SESSIONS = "virtfleet.web_sessions"
+OWNERSHIP = "virtfleet.ownership"
 AUDIT_LIMIT = 10_000  # entries one answer carries at most (the newest)
 
 
+class OwnershipView(Protocol):
+    def owner_of(self, host_id: str) -> str: ...
+    def replicas(self) -> list[ReplicaInfo]: ...
+
+
 def create_admin_app(fleet: Fleet, links: LinkView, gateway: GatewayView,
-                     sessions: WebSessions) -> web.Application:
+                     sessions: WebSessions, ownership: OwnershipView) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024)
     app[FLEET] = fleet
+    app[OWNERSHIP] = ownership
     app[LINKS] = links
     app[GATEWAY] = gateway
     app[SESSIONS] = sessions
     app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/replicas", list_replicas)
     app.router.add_get("/v1/tokens", list_tokens)
     app.router.add_post("/v1/tokens", create_token)
     app.router.add_post("/v1/tokens/{jti}/revoke", revoke_token)
@@ -97,6 +106,10 @@ async def get_status(request: web.Request) -> web.Response:
     })
 
 
+async def list_replicas(request: web.Request) -> web.Response:
+    return web.json_response([dataclasses.asdict(r) for r in request.app[OWNERSHIP].replicas()])
+
+
 async def create_token(request: web.Request) -> web.Response:
     body = await _body(request)
     fleet = fleet_of(request)
@@ -150,7 +163,8 @@ def host_detail(request: web.Request, host_id: str) -> dict[str, Any]:
     host = fleet.store.get_host(host_id)
     if host is None:
         raise Refused(404, "not_found", f"host {host_id} is gone")
-    return admin.host_detail(fleet, request.app[LINKS], request.app[GATEWAY], host)
+    return admin.host_detail(fleet, request.app[LINKS], request.app[GATEWAY], host) | {
+        "owner": request.app[OWNERSHIP].owner_of(host_id)}
 
 
 async def list_audit(request: web.Request) -> web.Response:

@@ -90,16 +90,19 @@ def reported_kvm_problem(facts: dict[str, Any]) -> str:
 class LinkManager:
     def __init__(self, opener: Opener, ways: Ways, host_of: Callable[[str], Host | None],
                  states: dict[str, Connection], on_change: Callable[[str], object],
-                 on_served: Callable[[str, str], object] = lambda _id, _serial: None) -> None:
+                 on_served: Callable[[str, str], object] = lambda _id, _serial: None,
+                 owns: Callable[[str], bool] = lambda _id: True) -> None:
         """`ways`: the way to each host; `states`: where each host's connection state is
         kept for the status rule to read; `on_change(host_id)` after each change of it;
-        `on_served(host_id, serial)` after a link opened with that libvirtd certificate."""
+        `on_served(host_id, serial)` after a link opened with that libvirtd certificate;
+        `owns(host_id)`: whether this server is the one to connect (server/replicas.py)."""
         self.opener = opener
         self.ways = ways
         self.host_of = host_of
         self.states = states
         self.on_change = on_change
         self.on_served = on_served
+        self.owns = owns
         self.links: dict[str, Link] = {}
         self.counts = LinkCounts()
         self._started = False
@@ -147,7 +150,7 @@ class LinkManager:
             return
         if host is None:
             host = self.host_of(host_id)
-        if host is None or host.admin_state != AdminState.ENABLED:
+        if host is None or host.admin_state != AdminState.ENABLED or not self.owns(host_id):
             self._drop(host_id)
             return
         link = self.links.get(host_id)

@@ -235,4 +235,24 @@ POSTGRES_MIGRATIONS = [
         created_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # 2: replicas and who owns each enabled host's connection (server/replicas.py).
+    """
+    CREATE TABLE replicas (
+        id TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        seen_at DOUBLE PRECISION NOT NULL      -- the database's clock, every lease round
+    );
+    CREATE TABLE leases (
+        host_id TEXT PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
+        owner TEXT NOT NULL,
+        epoch BIGINT NOT NULL,                 -- one higher at each new owner: the fence
+        expires_at DOUBLE PRECISION NOT NULL   -- the database's clock
+    );
+    CREATE INDEX leases_owner ON leases(owner);
+    CREATE TABLE replica_tunnels (
+        host_id TEXT PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
+        replica TEXT NOT NULL
+    );
+    """,
 ]

@@ -23,7 +23,8 @@ from typing import Any
 import psycopg
 import psycopg.conninfo
 
-from server.store import StoreError, StoreUnavailable
+from server.replicas import NOW_SQL
+from server.store import StatusChange, StoreError, StoreUnavailable
 from server.store.migrations import POSTGRES_MIGRATIONS
 from server.store.sql import SqlStore
 
@@ -161,6 +162,9 @@ class PostgresStore(SqlStore):
     db: PgConnection
 
     def __init__(self, url: str) -> None:
+        # (replica, epoch) a status write of the host is made with (server/replicas.py);
+        # None: no leases (a single server on PostgreSQL, `init`).
+        self.fence: Callable[[str], tuple[str, int]] | None = None
         self.db = PgConnection(url)
         self.where = self.db.where
         try:
@@ -199,6 +203,43 @@ class PostgresStore(SqlStore):
         with self.db.transaction() as db:
             db.execute("SET LOCAL synchronous_commit = off")
             yield db
+
+    def set_statuses(self, changes: list[StatusChange]) -> None:
+        """As SQLite's, but fenced: an enabled host's status is written only by the replica
+        whose lease on it still has the epoch that replica holds; a deposed owner's write
+        changes nothing."""
+        if self.fence is None:
+            return super().set_statuses(changes)
+        refused = []
+        with self.transaction() as db:
+            for host_id, status, detail, since, record in changes:
+                owner, epoch = self.fence(host_id)
+                written = db.execute(
+                    "UPDATE hosts SET status=?, detail=?, status_since=? WHERE id=? AND "
+                    "(admin_state <> 'enabled' OR EXISTS (SELECT 1 FROM leases WHERE "
+                    "host_id=? AND owner=? AND epoch=?))",
+                    (status, detail, since, host_id, host_id, owner, epoch)).rowcount
+                if not written:
+                    refused.append(host_id)
+                elif record:
+                    self._add_history(host_id, since, status, detail)
+        if refused:
+            log.warning("status of %d hosts not written: this replica no longer owns them (%s)",
+                        len(refused), ", ".join(refused[:5]))
+
+    def lease_owner(self, host_id: str) -> str:
+        row = self.db.execute(f"SELECT owner FROM leases WHERE host_id=? AND expires_at > {NOW_SQL}",
+                              (host_id,)).fetchone()
+        return str(row[0]) if row else ""
+
+    def replica_rows(self, ttl: float) -> list[tuple[str, str, float, float, bool, int]]:
+        """Every replica that ever ran: id, URL, started, last seen, alive (seen within
+        `ttl`), hosts it owns now."""
+        rows = self.db.execute(
+            f"SELECT r.id, r.url, r.started_at, r.seen_at, r.seen_at > {NOW_SQL} - ?, "
+            f"(SELECT COUNT(*) FROM leases l WHERE l.owner = r.id AND l.expires_at > {NOW_SQL}) "
+            "FROM replicas r ORDER BY r.id", (ttl,)).fetchall()
+        return [(r[0], r[1], r[2], r[3], bool(r[4]), int(r[5])) for r in rows]
 
     # -- what every replica shares ------------------------------------------
 

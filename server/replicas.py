@@ -1,0 +1,284 @@
+"""Which replica owns each enabled host's libvirt connection.
+
+One server owns every host (`SoleOwner`). Replicas on PostgreSQL share the hosts through
+leases (`Leases`), one row per enabled host in the `leases` table:
+- every RENEW_EVERY seconds each replica says it is alive (`replicas`), renews the
+  leases it holds and takes or gives back hosts as `assign` shares them out (evenly; a
+  host with a tunnel to the replica that holds the tunnel);
+- a lease runs LEASE_TTL seconds past its last renewal, by the database's clock; another
+  replica takes it only once it ran out, with the epoch one higher;
+- status writes carry the writer's epoch and the database refuses a deposed owner's
+  (server/store/postgres.py: fenced);
+- a replica that has not renewed for LEASE_TTL - MARGIN seconds (its own clock, counted
+  from before the renewal was sent) gives up every host at once, so it has closed their
+  connections before any other replica can take them.
+
+The lease calls run in a thread of their own on their own database connection: a
+database that stops answering must not stop the replica from noticing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.files import write_atomic
+from common.logs import event
+
+if TYPE_CHECKING:
+    from server.store.postgres import PostgresStore
+
+log = logging.getLogger(__name__)
+
+RENEW_EVERY = 2.0
+LEASE_TTL = 6.0
+MARGIN = 1.5  # a replica gives its hosts up this long before its leases run out
+
+NOW_SQL = "extract(epoch from clock_timestamp())"  # the database's clock: one for all replicas
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    id: str
+    url: str
+    started_at: float
+    seen_at: float
+    alive: bool
+    hosts: int
+    me: bool = False
+
+
+class SoleOwner:
+    """One server: it owns every host."""
+
+    def owns(self, host_id: str) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+    def other_urls(self) -> list[str]:
+        return []
+
+    def owner_of(self, host_id: str) -> str:
+        return ""
+
+    def replicas(self) -> list[ReplicaInfo]:
+        return []
+
+
+def replica_id(state: Path) -> str:
+    """This replica's id: kept in its state directory, so a restart is the same replica."""
+    path = state / "replica-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        made = f"{socket.gethostname()[:40]}-{secrets.token_hex(3)}"
+        write_atomic(path, made + "\n")
+        return made
+
+
+def assign(hosts: Iterable[str], live: list[str], pinned: dict[str, str]) -> dict[str, str]:
+    """Host id -> the live replica to own it. Every replica works out the same answer
+    from the same rows: a host with a tunnel goes where the tunnel is (`pinned`); the
+    others by rendezvous hashing (each host's replicas ranked by a hash of both, so a
+    replica joining or leaving moves few hosts), each replica taking at most its even
+    share, ceil(hosts / replicas)."""
+    if not live:
+        return {}
+    ordered = sorted(hosts)
+    share = -(-len(ordered) // len(live))
+    load = dict.fromkeys(live, 0)
+    owner = {h: pinned[h] for h in ordered if pinned.get(h) in load}
+    for replica in owner.values():
+        load[replica] += 1
+    for host_id in ordered:
+        if host_id in owner:
+            continue
+        ranked = sorted(live, key=lambda r: _rank(host_id, r), reverse=True)
+        chosen = next((r for r in ranked if load[r] < share), ranked[0])
+        owner[host_id] = chosen
+        load[chosen] += 1
+    return owner
+
+
+def _rank(host_id: str, replica: str) -> bytes:
+    return hashlib.blake2b(f"{host_id}/{replica}".encode(), digest_size=8).digest()
+
+
+@dataclass
+class Tick:
+    """One round's outcome, from the database."""
+
+    owned: dict[str, int]  # host id -> epoch
+    changed: list[str]  # owned hosts whose row changed (or that are new to this replica)
+    at: float  # this replica's monotonic clock when the round was sent
+    others: list[str]  # the other live replicas' URLs
+
+
+class Leases:
+    """The lease loop of one replica (see the module's words). `on_change(host_ids)`:
+    after hosts were taken, given up or changed elsewhere, on the event loop."""
+
+    def __init__(self, store: PostgresStore, me: str, advertise_url: str,
+                 tunnel_hosts: Callable[[], set[str]], on_change: Callable[[list[str]], object]) -> None:
+        """`store`: the replica's store, for reads on the event loop; the lease rounds
+        have a connection of their own to the same database."""
+        from server.store.postgres import PgConnection
+
+        self.store = store
+        self.db = PgConnection(store.db.url)
+        self.replica_id, self.url = me, advertise_url
+        self.tunnel_hosts, self.on_change = tunnel_hosts, on_change
+        self.owned: dict[str, int] = {}
+        self.renewed_at = 0.0  # monotonic, when the last round that worked was sent
+        self.started_at = time.time()
+        self.problem = ""  # why the last round failed, for status
+        self.others: list[str] = []  # the other live replicas' URLs, as the last round saw
+        self._seen: dict[str, tuple[Any, ...]] = {}  # owned hosts' rows at the last round
+        self._round_task: asyncio.Future[Tick] | None = None  # its thread runs on if cancelled
+
+    # -- what the rest of the server reads ------------------------------------------
+
+    def owns(self, host_id: str) -> bool:
+        return host_id in self.owned
+
+    def fence(self, host_id: str) -> tuple[str, int]:
+        """(this replica, its epoch) for a status write: the store refuses it unless the
+        lease is still this replica's with that epoch. -1: not ours at all."""
+        return self.replica_id, self.owned.get(host_id, -1)
+
+    def other_urls(self) -> list[str]:
+        return self.others
+
+    def owner_of(self, host_id: str) -> str:
+        return self.store.lease_owner(host_id)
+
+    def replicas(self) -> list[ReplicaInfo]:
+        return [ReplicaInfo(*row, me=row[0] == self.replica_id)
+                for row in self.store.replica_rows(LEASE_TTL)]
+
+    # -- the loop --------------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        while True:
+            await self._round()
+            await asyncio.sleep(RENEW_EVERY)
+
+    async def close(self) -> None:
+        """At a clean stop, once this replica's connections are closed: its leases given
+        back, so the others take its hosts at their next round, not a TTL later."""
+        if self._round_task is not None:
+            await asyncio.wait([self._round_task], timeout=LEASE_TTL)
+        await asyncio.to_thread(self._give_all_back)
+
+    async def _round(self) -> None:
+        sent = time.monotonic()
+        task = asyncio.ensure_future(asyncio.to_thread(self._tick, sent, self.tunnel_hosts()))
+        self._round_task = task
+        deadline = self.renewed_at + LEASE_TTL - MARGIN if self.owned else None
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            tick = await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            self._give_up("no lease renewal reached the database in time")
+            await asyncio.gather(task, return_exceptions=True)
+            return
+        except Exception as exc:  # noqa: BLE001 - a StoreError, or the database's own
+            self.problem = str(exc)
+            if self.owned and time.monotonic() > self.renewed_at + LEASE_TTL - MARGIN:
+                self._give_up(self.problem)
+            return
+        if self.problem:
+            log.info("replica %s: the database answers again", self.replica_id)
+        self.problem = ""
+        self.renewed_at, self.others = tick.at, tick.others
+        gone = [h for h in self.owned if h not in tick.owned]
+        self.owned = tick.owned
+        if gone or tick.changed:
+            self.on_change(gone + tick.changed)
+
+    def _give_up(self, why: str) -> None:
+        """Every host given up here, before its lease can run out elsewhere."""
+        self.problem = why
+        gone, self.owned = list(self.owned), {}
+        self._seen.clear()
+        event(log, "leases_dropped", "replica %s gives up its %d hosts: %s", self.replica_id,
+              len(gone), why, level=logging.ERROR, replica=self.replica_id)
+        self.on_change(gone)
+
+    # -- in the lease thread ---------------------------------------------------------
+
+    def _tick(self, sent: float, tunnels: set[str]) -> Tick:
+        with self.db.transaction() as db:
+            db.execute(f"INSERT INTO replicas (id, url, started_at, seen_at) VALUES (?, ?, ?, {NOW_SQL}) "
+                       f"ON CONFLICT (id) DO UPDATE SET url=excluded.url, seen_at={NOW_SQL}",
+                       (self.replica_id, self.url, self.started_at))
+            replicas = db.execute(f"SELECT id, url FROM replicas WHERE seen_at > {NOW_SQL} - ? "
+                                  "ORDER BY id", (LEASE_TTL,)).fetchall()
+            live = [r[0] for r in replicas]
+            held = {r[0]: r[1] for r in db.execute(
+                f"UPDATE leases SET expires_at = {NOW_SQL} + ? WHERE owner=? RETURNING host_id, epoch",
+                (LEASE_TTL, self.replica_id)).fetchall()}
+            tunnel_at = {r[0]: r[1] for r in db.execute(
+                "SELECT host_id, replica FROM replica_tunnels").fetchall()}
+            self._publish_tunnels(db, tunnels, tunnel_at)
+            hosts = db.execute("SELECT id, admin_state, transport, role_override, report_digest, "
+                               "libvirt_cert_serial FROM hosts WHERE admin_state='enabled'").fetchall()
+            pinned = tunnel_at | dict.fromkeys(tunnels, self.replica_id)
+            wanted = {h for h, r in assign((row[0] for row in hosts), live, pinned).items()
+                      if r == self.replica_id}
+            give_back = [h for h in held if h not in wanted]
+            if give_back:
+                db.executemany("DELETE FROM leases WHERE host_id=? AND owner=?",
+                               [(h, self.replica_id) for h in give_back])
+            for host_id in wanted - set(held):
+                row = db.execute(
+                    "INSERT INTO leases (host_id, owner, epoch, expires_at) "
+                    f"VALUES (?, ?, 1, {NOW_SQL} + ?) ON CONFLICT (host_id) DO UPDATE "
+                    "SET owner=excluded.owner, epoch=leases.epoch + 1, expires_at=excluded.expires_at "
+                    f"WHERE leases.expires_at <= {NOW_SQL} RETURNING epoch",
+                    (host_id, self.replica_id, LEASE_TTL)).fetchone()
+                if row is not None:
+                    held[host_id] = row[0]
+            for host_id in give_back:
+                held.pop(host_id, None)
+        rows = {row[0]: tuple(row) for row in hosts if row[0] in held}
+        changed = [h for h, row in rows.items() if self._seen.get(h) != row]
+        self._seen = rows
+        others = [r[1] for r in replicas if r[0] != self.replica_id and r[1] != self.url]
+        return Tick(held, changed, sent, others)
+
+    def _publish_tunnels(self, db: Any, tunnels: set[str], tunnel_at: dict[str, str]) -> None:
+        """Where each tunnel is: the host's lease follows it."""
+        mine = {h for h, r in tunnel_at.items() if r == self.replica_id}
+        gone = mine - tunnels
+        if gone:
+            db.executemany("DELETE FROM replica_tunnels WHERE host_id=? AND replica=?",
+                           [(h, self.replica_id) for h in gone])
+        new = tunnels - mine
+        if new:
+            db.executemany("INSERT INTO replica_tunnels (host_id, replica) VALUES (?, ?) "
+                           "ON CONFLICT (host_id) DO UPDATE SET replica=excluded.replica",
+                           [(h, self.replica_id) for h in new])
+            tunnel_at.update((h, self.replica_id) for h in new)
+
+    def _give_all_back(self) -> None:
+        try:
+            with self.db.transaction() as db:
+                db.execute("DELETE FROM leases WHERE owner=?", (self.replica_id,))
+                db.execute("DELETE FROM replica_tunnels WHERE replica=?", (self.replica_id,))
+                db.execute("UPDATE replicas SET seen_at=0 WHERE id=?", (self.replica_id,))
+        except Exception as exc:  # noqa: BLE001 - stopping anyway: the leases run out
+            log.warning("replica %s: its leases could not be given back (%s); they run out "
+                        "in %g s", self.replica_id, exc, LEASE_TTL)
+        finally:
+            self.db.close()
