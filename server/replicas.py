@@ -86,27 +86,44 @@ def replica_id(state: Path) -> str:
         return made
 
 
-def assign(hosts: Iterable[str], live: list[str], pinned: dict[str, str]) -> dict[str, str]:
-    """Host id -> the live replica to own it. Every replica works out the same answer
-    from the same rows: a host with a tunnel goes where the tunnel is (`pinned`); the
-    others by rendezvous hashing (each host's replicas ranked by a hash of both, so a
-    replica joining or leaving moves few hosts), each replica taking at most its even
-    share, ceil(hosts / replicas)."""
+def assign(hosts: Iterable[str], live: list[str], pinned: dict[str, str],
+           current: dict[str, str]) -> dict[str, str]:
+    """Host id -> the live replica to own it, the same answer at every replica from the
+    same rows. Even: each replica gets hosts // replicas, and the remainder one more
+    each. A host with a tunnel goes where the tunnel is (`pinned`); a host stays with its
+    `current` owner while that one is live and has room (so a replica joining takes the
+    others' surplus and few hosts move); the rest go by rendezvous hashing, to the first
+    replica of their own ranking (a hash of host and replica) that has room."""
     if not live:
         return {}
     ordered = sorted(hosts)
-    share = -(-len(ordered) // len(live))
+    even, extra = divmod(len(ordered), len(live))
     load = dict.fromkeys(live, 0)
-    owner = {h: pinned[h] for h in ordered if pinned.get(h) in load}
-    for replica in owner.values():
+    owner: dict[str, str] = {}
+
+    def room(replica: str | None) -> bool:
+        return replica in load and (load[replica] < even or (load[replica] == even and extra > 0))
+
+    def give(host_id: str, replica: str) -> None:
+        nonlocal extra
+        if load[replica] >= even:
+            extra -= 1  # one of the remainder's places
+        owner[host_id] = replica
         load[replica] += 1
+
     for host_id in ordered:
-        if host_id in owner:
-            continue
-        ranked = sorted(live, key=lambda r: _rank(host_id, r), reverse=True)
-        chosen = next((r for r in ranked if load[r] < share), ranked[0])
-        owner[host_id] = chosen
-        load[chosen] += 1
+        if pinned.get(host_id) in load:
+            give(host_id, pinned[host_id])
+    for host_id in ordered:  # first each current owner's even part, then the remainder
+        if host_id not in owner and load.get(current.get(host_id, ""), even) < even:
+            give(host_id, current[host_id])
+    for host_id in ordered:
+        if host_id not in owner and room(current.get(host_id)):
+            give(host_id, current[host_id])
+    for host_id in ordered:
+        if host_id not in owner:
+            ranked = sorted(live, key=lambda r: _rank(host_id, r), reverse=True)
+            give(host_id, next((r for r in ranked if room(r)), min(live, key=load.__getitem__)))
     return owner
 
 
@@ -145,6 +162,7 @@ class Leases:
         self.others: list[str] = []  # the other live replicas' URLs, as the last round saw
         self._seen: dict[str, tuple[Any, ...]] = {}  # owned hosts' rows at the last round
         self._round_task: asyncio.Future[Tick] | None = None  # its thread runs on if cancelled
+        self._handing_over: set[str] = set()  # closed here last round; their leases go next
 
     # -- what the rest of the server reads ------------------------------------------
 
@@ -233,13 +251,25 @@ class Leases:
             self._publish_tunnels(db, tunnels, tunnel_at)
             hosts = db.execute("SELECT id, admin_state, transport, role_override, report_digest, "
                                "libvirt_cert_serial FROM hosts WHERE admin_state='enabled'").fetchall()
+            current = {r[0]: r[1] for r in db.execute(
+                f"SELECT host_id, owner FROM leases WHERE expires_at > {NOW_SQL}").fetchall()}
             pinned = tunnel_at | dict.fromkeys(tunnels, self.replica_id)
-            wanted = {h for h, r in assign((row[0] for row in hosts), live, pinned).items()
-                      if r == self.replica_id}
+            shares = assign((row[0] for row in hosts), live, pinned, current)
+            wanted = {h for h, r in shares.items() if r == self.replica_id}
+            # Given back in two rounds: first the connection is closed here (the host is
+            # no longer in `owned`) while the lease still keeps the others off, then the
+            # lease goes. Never two replicas connected to one host.
             give_back = [h for h in held if h not in wanted]
-            if give_back:
+            closed = [h for h in give_back if h in self._handing_over]
+            if closed:
                 db.executemany("DELETE FROM leases WHERE host_id=? AND owner=?",
-                               [(h, self.replica_id) for h in give_back])
+                               [(h, self.replica_id) for h in closed])
+            closing = [h for h in give_back if h not in self._handing_over]
+            if closing:
+                db.executemany(
+                    "UPDATE hosts SET status='connecting', detail=? WHERE id=? AND admin_state='enabled'",
+                    [(f"moving to replica {shares[h]}", h) for h in closing if h in shares])
+            self._handing_over = set(closing)
             for host_id in wanted - set(held):
                 row = db.execute(
                     "INSERT INTO leases (host_id, owner, epoch, expires_at) "

@@ -3,10 +3,12 @@ they share (keys, tokens, hosts) and how a replica refuses a database it cannot 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,8 +122,34 @@ def tls_clients(lv: Libvirtd) -> int:
     return sum(1 for line in out.splitlines() if " tls " in f" {line} ")
 
 
+class ConnectionWatch:
+    """Counts each libvirtd's TLS clients in a thread, all along: `most` is the highest
+    any host had at once (the replicas must never hold two connections to one host)."""
+
+    def __init__(self, daemons: list[Libvirtd]) -> None:
+        self.daemons, self.most = daemons, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> ConnectionWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for lv in self.daemons:
+                with contextlib.suppress(subprocess.SubprocessError):
+                    self.most = max(self.most, tls_clients(lv))
+
+
 def replica_ids(*servers: Server) -> list[str]:
-    return [next(r["id"] for r in s.api("GET", "/v1/replicas") if r["me"]) for s in servers]
+    """Each server's replica id, once its first lease round put it in the list."""
+    return [wait_for(lambda s=s: next((r["id"] for r in s.api("GET", "/v1/replicas") if r["me"]), ""),
+                     10, "the replica to list itself") for s in servers]
 
 
 def owners(server: Server, host_ids: list[str]) -> dict[str, str]:
@@ -160,22 +188,22 @@ def test_each_host_has_one_owner_and_moves_within_seconds_when_its_owner_is_kill
                  and sorted(owners(second, ids).values()) == sorted([a, a, b, b]), 30,
                  "every host online, two owned by each replica")
         assert [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1]
-        first.proc.stop(signal.SIGKILL)
-        killed, seen, most_clients = time.monotonic(), set(), 0
+        seen: set[str] = set()
 
-        def all_back_at_b() -> list[tuple[str, str, str]]:
-            nonlocal most_clients
+        def all_back_at_b() -> bool:
             hosts = [second.host(h) for h in ids]
             seen.update(h["status"] for h in hosts)
-            most_clients = max(most_clients, *(tls_clients(lv) for lv in daemons))
-            shown = [(h["owner"], h["status"], h["detail"]) for h in hosts]
-            return [] if all(o == b and s == "online" for o, s, _ in shown) else shown
+            return all(h["owner"] == b and h["status"] == "online" for h in hosts)
 
-        wait_for(lambda: not (last := all_back_at_b()) or print(last), 15,
-                 "the killed replica's hosts owned and online at the other", interval=0.1)
-        took = time.monotonic() - killed
-        assert took < 10 and "offline" not in seen and most_clients == 1, (took, seen, most_clients)
-        assert [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1]
+        with ConnectionWatch(daemons) as watch:
+            first.proc.stop(signal.SIGKILL)
+            killed = time.monotonic()
+            wait_for(all_back_at_b, 15, "the killed replica's hosts owned and online at the other",
+                     interval=0.1)
+            took = time.monotonic() - killed
+            wait_for(lambda: [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1], 5,
+                     "one connection to each host")
+        assert took < 10 and "offline" not in seen and watch.most == 1, (took, seen, watch.most)
         listed = {r["id"]: r for r in second.api("GET", "/v1/replicas")}
         assert not listed[a]["alive"] and listed[b]["alive"] and listed[b]["hosts"] == 4
         shown = second.admin("replicas").stdout
@@ -183,5 +211,48 @@ def test_each_host_has_one_owner_and_moves_within_seconds_when_its_owner_is_kill
     finally:
         first.close()
         second.close()
+        for lv in daemons:
+            lv.stop()
+
+
+def test_a_replica_joining_takes_its_share_and_a_database_restart_loses_nothing(
+        postgres: Postgres, database: str, tmp_path: Path, make_agent: MakeAgent) -> None:
+    initialized(database, tmp_path)
+    first, second = replica(tmp_path, "a", database), replica(tmp_path, "b", database)
+    third = replica(tmp_path, "c", database)
+    daemons: list[Libvirtd] = []
+    try:
+        first.start(), second.start()
+        ids, daemons = hosts_joined(tmp_path, first, make_agent, 4)
+        wait_for(lambda: all(first.host(h)["status"] == "online" for h in ids)
+                 and sorted(Counter(owners(first, ids).values()).values()) == [2, 2], 30,
+                 "four hosts online, two at each replica")
+        with ConnectionWatch(daemons) as watch:
+            third.start()
+            c = replica_ids(third)[0]
+            wait_for(lambda: sorted(Counter(owners(first, ids).values()).values()) == [1, 1, 2]
+                     and c in owners(first, ids).values()
+                     and all(first.host(h)["status"] == "online" for h in ids)
+                     and [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1], 20,
+                     "the new replica owning its share, every host online on one connection")
+            third.close()  # a clean stop gives its host back at once
+            wait_for(lambda: c not in owners(first, ids).values()
+                     and all(first.host(h)["status"] == "online" for h in ids)
+                     and [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1], 10,
+                     "the stopped replica's host taken by another")
+        assert watch.most == 1
+        before = {h: first.host(h)["enrolled_at"] for h in ids}
+        postgres.stop()
+        postgres.start()
+        wait_for(lambda: [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1]
+                 and all(first.host(h)["status"] == "online" for h in ids)
+                 and all(r["alive"] for r in first.api("GET", "/v1/replicas") if r["id"] != c), 30,
+                 "both replicas back on the restarted database, every host online")
+        assert {h: first.host(h)["enrolled_at"] for h in ids} == before
+        assert second.admin("token", "create").returncode == 0  # it writes again
+    finally:
+        first.close()
+        second.close()
+        third.close()
         for lv in daemons:
             lv.stop()

@@ -31,6 +31,7 @@ from server.links.tunnels import Tunnels
 from server.memory import GC_GROWTH, full_collection_due
 from server.model import Connection, Host, LinkState, Status
 from server.ratelimit import RateLimiter
+from server.replicas import assign
 
 
 def report(ok: bool = True, endpoint: bool = True, role: str = "mixed",
@@ -535,3 +536,23 @@ def test_a_join_url_only_this_machine_can_reach_is_refused(
     assert unreachable_url_problem(ServerConfig(listen_host="127.0.0.1")) == ""
     assert unreachable_url_problem(ServerConfig(listen_host="0.0.0.0",
                                                 advertise_url="https://vdi.example.org:8443")) == ""
+
+
+def test_replicas_share_hosts_evenly_and_a_replica_joining_moves_few() -> None:
+    hosts = [f"host-{i:03d}" for i in range(100)]
+    two = assign(hosts, ["a", "b"], {}, {})
+    assert Counter(two.values()) == {"a": 50, "b": 50}
+    assert assign(hosts, ["b", "a"], {}, {}) == two  # the same answer at every replica
+    three = assign(hosts, ["a", "b", "c"], {}, two)
+    assert sorted(Counter(three.values()).values()) == [33, 33, 34]
+    moved = [h for h in hosts if two[h] != three[h]]
+    assert all(three[h] == "c" for h in moved) and len(moved) == Counter(three.values())["c"]
+    back = assign(hosts, ["a", "b"], {}, three)  # c left: only its hosts move
+    assert Counter(back.values()) == {"a": 50, "b": 50}
+    assert all(back[h] == three[h] for h in hosts if three[h] != "c")
+    pinned = assign(hosts, ["a", "b"], {"host-007": "b", "host-008": "gone"}, {})
+    assert pinned["host-007"] == "b" and pinned["host-008"] in ("a", "b")
+    assert assign(hosts, [], {}, {}) == {}
+    few = assign(hosts[:4], ["a", "b", "c"], {}, {"host-000": "a", "host-001": "a",
+                                                  "host-002": "b", "host-003": "b"})
+    assert sorted(Counter(few.values()).values()) == [1, 1, 2]  # a newcomer gets its share

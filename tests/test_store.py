@@ -304,3 +304,20 @@ def test_a_database_gone_is_a_store_unavailable_in_words_and_back_loses_nothing(
         store.close()
     finally:
         pg.close()
+
+
+@pytest.mark.parametrize("open_store", ["postgresql"], indirect=True)
+def test_a_deposed_owner_writes_no_status_of_the_host_it_lost(open_store: Opener) -> None:
+    store = store_with(open_store, [make_host(cert_serial="s1", status="online")])
+    old, new = open_store(), open_store()
+    assert isinstance(old, PostgresStore) and isinstance(new, PostgresStore)
+    old.fence, new.fence = (lambda _h: ("a", 1)), (lambda _h: ("b", 2))
+    store.db.execute("INSERT INTO leases VALUES ('h1', 'a', 1, 1e12)")
+    old.set_statuses([("h1", "error", "seen by a", 10, True)])
+    assert (seen := store.get_host("h1")) is not None and seen.detail == "seen by a"
+    store.db.execute("UPDATE leases SET owner='b', epoch=2")  # a's lease ran out, b took it
+    old.set_statuses([("h1", "offline", "a's late word", 11, True)])
+    new.set_statuses([("h1", "online", "seen by b", 12, True)])
+    seen = store.get_host("h1")
+    assert seen is not None and (seen.status, seen.detail) == ("online", "seen by b")
+    assert "a's late word" not in [e.detail for e in store.history("h1")]
