@@ -20,7 +20,7 @@ from server.store import StoreError, StoreUnavailable
 from server.store.postgres import PostgresStore
 from server.store.sql import COUNTS_SQL, HISTORY_BURST, HISTORY_KEEP, SqlStore
 from server.store.sqlite import SWEEP_SQL, SqliteStore
-from tests.harness import Postgres, free_port
+from tests.harness import Postgres, free_port, wait_for
 from tests.test_server_units import make_host, report
 
 ONLINE = Connection(LinkState.ONLINE, "open")
@@ -295,7 +295,9 @@ def test_a_database_gone_is_a_store_unavailable_in_words_and_back_loses_nothing(
         with pytest.raises(StoreUnavailable):
             store.get_token("t1")
         pg.start()
-        store.flush_checkins()  # the queued check-in, kept while it could not be written
+        # The store connects again in the background; the queued check-in, kept while it
+        # could not be written, goes in then.
+        wait_for(lambda: store.flush_checkins() or True, 10, "the store to write again")
         fresh = PostgresStore(url)
         stored = fresh.get_host("h1")
         assert stored is not None and stored.last_checkin == 99 and stored.address == "10.0.0.7"

@@ -12,9 +12,11 @@ must be noticed in seconds: connect, statement and TCP timeouts below.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,14 +32,17 @@ from server.store.sql import SqlStore
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_MS = 5000
+# A database that stops answering is an error within about 2.5 s (a partition: sent data
+# unacknowledged, or no answer to keepalives), well inside a lease's margin
+# (server/replicas.py).
 CONNECT_OPTIONS: dict[str, Any] = {
-    "connect_timeout": TIMEOUT_MS // 1000,
-    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2,
-    "tcp_user_timeout": TIMEOUT_MS,  # unacknowledged data (a partition): an error, not a hang
-    "options": f"-c statement_timeout={TIMEOUT_MS} -c lock_timeout={TIMEOUT_MS}",
+    "connect_timeout": 3,
+    "keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 2,
+    "tcp_user_timeout": 2500,
+    "options": "-c statement_timeout=5000 -c lock_timeout=5000",
     "application_name": "virtfleet-server",
 }
+RECONNECT_EVERY = 1.0
 # Held while migrating, so replicas starting together migrate one after the other.
 MIGRATION_LOCK = 0x76666C74  # "vflt"
 
@@ -96,42 +101,80 @@ def _dialect(sql: str) -> str:
 
 class PgConnection:
     """psycopg used as the SQL store uses sqlite3: `execute`, `executemany`, rows by name.
-    After the database went away the next call connects again (not inside a
-    transaction: that one fails). A psycopg error is StoreUnavailable, in words."""
+    A psycopg error is StoreUnavailable, in words.
 
-    def __init__(self, url: str) -> None:
+    Once the database failed, the connection is made again in a thread of its own
+    (`in_background`, for the server's event loop) and calls fail at once meanwhile: a
+    database gone must cost the event loop one timeout, not one per call. Without it the
+    next call connects again itself. Never inside a transaction: that one fails."""
+
+    def __init__(self, url: str, in_background: bool = False) -> None:
         self.url, self.where = url, redacted(url)
+        self.in_background = in_background
         self._conn: psycopg.Connection[Any] | None = None
         self._pinned: psycopg.Connection[Any] | None = None  # the open transaction's
+        self._failed: StoreUnavailable | None = None  # while the database cannot be reached
+        self._fresh: psycopg.Connection[Any] | None = None  # made by the reconnecting thread
+        self._reconnecting: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.url, autocommit=True, row_factory=_rows, **CONNECT_OPTIONS)
 
     def connection(self) -> psycopg.Connection[Any]:
         if self._pinned is not None:
             return self._pinned
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            try:
-                self._conn = psycopg.connect(self.url, autocommit=True, row_factory=_rows,
-                                             **CONNECT_OPTIONS)
-            except psycopg.Error as exc:
-                raise self.unavailable(exc) from exc
+        if self._conn is not None and not (self._conn.closed or self._conn.broken):
+            return self._conn
+        if self._fresh is not None:
+            self._conn, self._fresh, self._failed = self._fresh, None, None
+            log.info("the database %s answers again", self.where)
+            return self._conn
+        if self._failed is not None and self.in_background:
+            raise self._failed
+        try:
+            self._conn = self._connect()
+        except psycopg.Error as exc:
+            raise self._lost(exc) from exc
+        self._failed = None
         return self._conn
 
-    def unavailable(self, exc: Exception) -> StoreUnavailable:
-        return StoreUnavailable(f"the database {self.where} cannot be used: "
-                                f"{str(exc).strip() or type(exc).__name__}")
+    def _lost(self, exc: Exception) -> StoreUnavailable:
+        """The database failed: say so, and (in the background) start connecting again."""
+        self._failed = StoreUnavailable(f"the database {self.where} cannot be used: "
+                                        f"{str(exc).strip() or type(exc).__name__}")
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+        if self.in_background and (self._reconnecting is None or not self._reconnecting.is_alive()):
+            self._reconnecting = threading.Thread(target=self._reconnect, daemon=True,
+                                                  name="database-reconnect")
+            self._reconnecting.start()
+        return self._failed
+
+    def _reconnect(self) -> None:
+        while not self._closed.wait(RECONNECT_EVERY):
+            try:
+                self._fresh = self._connect()
+                return
+            except psycopg.Error as exc:
+                log.debug("the database %s still cannot be reached: %s", self.where, exc)
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        conn = self.connection()
         try:
-            return self.connection().execute(_dialect(sql), args or None)
+            return conn.execute(_dialect(sql), args or None)
         except psycopg.OperationalError as exc:
-            raise self.unavailable(exc) from exc
+            raise self._lost(exc) from exc
 
     def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> psycopg.Cursor[Any]:
+        cursor = self.connection().cursor()
         try:
-            cursor = self.connection().cursor()
             cursor.executemany(_dialect(sql), args)
             return cursor
         except psycopg.OperationalError as exc:
-            raise self.unavailable(exc) from exc
+            raise self._lost(exc) from exc
 
     @contextmanager
     def transaction(self) -> Iterator[PgConnection]:
@@ -144,13 +187,15 @@ class PgConnection:
                 self._pinned = conn
                 yield self
         except psycopg.OperationalError as exc:
-            raise self.unavailable(exc) from exc
+            raise self._lost(exc) from exc
         finally:
             self._pinned = None
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        self._closed.set()
+        for conn in (self._conn, self._fresh):
+            if conn is not None:
+                conn.close()
 
 
 class PostgresStore(SqlStore):
@@ -165,7 +210,7 @@ class PostgresStore(SqlStore):
         # (replica, epoch) a status write of the host is made with (server/replicas.py);
         # None: no leases (a single server on PostgreSQL, `init`).
         self.fence: Callable[[str], tuple[str, int]] | None = None
-        self.db = PgConnection(url)
+        self.db = PgConnection(url, in_background=True)
         self.where = self.db.where
         try:
             self._migrate()
