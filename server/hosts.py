@@ -116,8 +116,13 @@ class HostStatus:
         return seen if host.status == Status.OFFLINE else max(seen, self.started_at)
 
     def refresh(self, host_id: str) -> Host | None:
-        """Re-derive one host's status from the store; returns the fresh row."""
-        host = self.store.get_host(host_id)
+        """Re-derive one host's status from the store; returns the fresh row (None when
+        the host is gone, or the store cannot be read now: it is re-derived later)."""
+        try:
+            host = self.store.get_host(host_id)
+        except StoreError as exc:
+            log.debug("host %s: status not re-derived now: %s", host_id, exc)
+            return None
         return None if host is None else self.refresh_host(host)
 
     def refresh_host(self, host: Host) -> Host:

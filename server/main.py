@@ -198,7 +198,11 @@ def owners(config: ServerConfig, store: Store, tunnels: Tunnels) -> SoleOwner | 
 def ownership_changed(events: HostEvents, status: HostStatus, host_ids: list[str]) -> None:
     """Hosts taken, given up, or changed at another replica: their links follow."""
     for host_id in host_ids:
-        events.host_changed(host_id)
+        try:
+            events.host_changed(host_id)
+        except StoreError as exc:
+            events.links.host_changed(host_id)  # a host given up is dropped all the same
+            log.warning("host %s: its new owner's view is not complete: %s", host_id, exc)
         status.refresh(host_id)
 
 

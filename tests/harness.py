@@ -371,6 +371,8 @@ class Postgres:
             subprocess.run(self.as_postgres("initdb", "-D", str(self.data), "-U", "postgres",
                                             "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"),
                            check=True, capture_output=True, timeout=120)
+            with open(self.data / "pg_hba.conf", "a") as hba:  # replicas in other namespaces
+                hba.write("host all all 0.0.0.0/0 trust\n")
         self.proc.start()
         wait_for(self.ready, 30, "PostgreSQL to accept connections")
         return self

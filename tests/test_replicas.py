@@ -4,6 +4,7 @@ they share (keys, tokens, hosts) and how a replica refuses a database it cannot 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import threading
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from common import wire
 from tests.conftest import FAST
-from tests.harness import VENV_BIN, Agent, Libvirtd, Postgres, Server, free_port, wait_for
+from tests.harness import VENV_BIN, Agent, Libvirtd, Network, Postgres, Server, free_port, wait_for
 
 MakeAgent = Callable[..., Agent]
 
@@ -256,3 +257,80 @@ def test_a_replica_joining_takes_its_share_and_a_database_restart_loses_nothing(
         third.close()
         for lv in daemons:
             lv.stop()
+
+
+CUT_RULES = """\
+table inet cut {{
+    chain out {{ type filter hook output priority 0; ip daddr {address} drop; }}
+    chain in {{ type filter hook input priority 0; ip saddr {address} drop; }}
+}}
+"""
+
+
+def nft(ns: str, rules: str) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True,
+                   check=True, timeout=10)
+
+
+def test_a_replica_cut_off_from_the_database_gives_its_hosts_up_before_another_takes_them(
+        tmp_path: Path) -> None:
+    net = Network(f"vfp{os.getpid() % 1000}")
+    pg: Postgres | None = None
+    replicas: list[Server] = []
+    hosts: list[tuple[Libvirtd, Agent]] = []
+    try:
+        db_ns, db_address = net.add_host()
+        pg = Postgres(free_port(), listen=db_address, netns=db_ns).start()
+        url = pg.new_database("partition")
+        for name in ("a", "b"):
+            ns, address = net.add_host()
+            if not replicas:
+                made = subprocess.run(["ip", "netns", "exec", ns, str(VENV_BIN / "virtfleet-server"),
+                                       "--state-dir", str(tmp_path / "init"), "init", "--database", url],
+                                      capture_output=True, text=True, timeout=60)
+                assert made.returncode == 0, made.stderr
+            replicas.append(Server(tmp_path / name, free_port(), *FAST, "--database", url,
+                                   host=address, netns=ns).start())
+        first, second = replicas
+        cut_ns = next(ns for ns, address in net.hosts.items() if first.url == f"https://{address}:{first.port}")
+        token = first.token("--uses", "4")
+        for i in range(4):
+            ns, address = net.add_host()
+            lv = Libvirtd(tmp_path / f"lv{i}", free_port(), listen_addr=address, netns=ns)
+            lv.start()
+            agent = Agent(tmp_path / f"hv-{i}", lv.agent_config(), netns=ns, hostname=f"hv-{i}")
+            hosts.append((lv, agent))
+            assert agent.join(token).returncode == 0
+            agent.start()
+        ids = [agent.host_id() for _lv, agent in hosts]
+        daemons = [lv for lv, _agent in hosts]
+        a, b = replica_ids(first, second)
+        wait_for(lambda: sorted(owners(second, ids).values()) == sorted([a, a, b, b])
+                 and all(second.host(h)["status"] == "online" for h in ids), 30,
+                 "every host online, two owned by each replica")
+        with ConnectionWatch(daemons) as watch:
+            nft(cut_ns, CUT_RULES.format(address=db_address))
+            cut = time.monotonic()
+            wait_for(lambda: all(second.host(h)["owner"] == b and second.host(h)["status"] == "online"
+                                 for h in ids)
+                     and [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1], 20,
+                     "the cut-off replica's hosts owned and online at the other", interval=0.1)
+            took = time.monotonic() - cut
+            refused = first.admin("hosts", "list", check=False)
+            assert refused.returncode != 0 and "cannot be used" in refused.stderr, refused.stderr
+            assert "gives up its 2 hosts" in first.proc.log()
+            nft(cut_ns, "delete table inet cut\n")
+            wait_for(lambda: sorted(owners(second, ids).values()) == sorted([a, a, b, b])
+                     and all(second.host(h)["status"] == "online" for h in ids)
+                     and [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1], 30,
+                     "the replica back, owning its share again")
+        assert took < 12 and watch.most == 1, (took, watch.most)
+    finally:
+        for lv, agent in hosts:
+            agent.stop()
+            lv.stop()
+        for server in replicas:
+            server.close()
+        if pg is not None:
+            pg.close()
+        net.close()

@@ -148,9 +148,12 @@ class LinkManager:
         needs doing (every check-in calls it); nothing happens before start()."""
         if not self._started:
             return
+        if not self.owns(host_id):  # decided without the host's row: the store may be gone
+            self._drop(host_id)
+            return
         if host is None:
             host = self.host_of(host_id)
-        if host is None or host.admin_state != AdminState.ENABLED or not self.owns(host_id):
+        if host is None or host.admin_state != AdminState.ENABLED:
             self._drop(host_id)
             return
         link = self.links.get(host_id)
