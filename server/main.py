@@ -41,7 +41,7 @@ from server.links.opener import LibvirtOpener
 from server.links.pki import CLIENT_DN, dial_context, ensure_client_identity
 from server.links.routes import Routes
 from server.links.tunnels import AgentPort, Tunnels
-from server.model import AdminState, Connection, Host, LinkState
+from server.model import AdminState, Connection, Host, LinkState, Status
 from server.replicas import Leases, SoleOwner, replica_id
 from server.store import CHECKIN_FLUSH, Store, StoreError
 from server.tls import ensure_server_cert, limit_tls_buffers, server_context, server_names
@@ -158,12 +158,12 @@ def build(config: ServerConfig) -> Parts:
     ctx = dial_context(libvirt_ca, key, cert)
     tunnels = Tunnels(functools.partial(identify, store), on_change=lambda _host_id: None)
     routes = Routes(tunnels)
+    ownership = owners(config, store, tunnels)
     gateway = Gateway(config.run_dir, functools.partial(dial_host, store, routes, ctx),
-                      lambda host_id: (s := states.get(host_id)) is not None
-                      and s.state == LinkState.ONLINE, config.engine_group)
+                      functools.partial(gateway_reachable, states, ownership, store, routes),
+                      config.engine_group)
     changes = ChangeLog()
     feed = EngineFeed(changes, gateway.uri, states)
-    ownership = owners(config, store, tunnels)
     status = HostStatus(store, config.grace, states, on_change=feed.publish, owns=ownership.owns)
     opener = LibvirtOpener(ctx, config.run_dir / "links", dial=routes.dial)
     links = LinkManager(opener, routes, store.get_host, states, on_change=status.refresh,
@@ -193,6 +193,23 @@ def owners(config: ServerConfig, store: Store, tunnels: Tunnels) -> SoleOwner | 
                     tunnel_hosts=lambda: set(tunnels.links), on_change=lambda _ids: None)
     store.fence = leases.fence
     return leases
+
+
+def gateway_reachable(states: Mapping[str, Connection], ownership: SoleOwner | Leases,
+                      store: Store, routes: Routes, host_id: str) -> bool:
+    """Whether a gateway client may go to the host now: this server's link to it is
+    online, or another replica owns the host, says it is online, and reaches it directly
+    (a tunnel ends only at its owner: there this replica refuses)."""
+    link = states.get(host_id)
+    if link is not None and link.state == LinkState.ONLINE:
+        return True
+    if ownership.owns(host_id):
+        return False
+    try:
+        host = store.get_host(host_id)
+    except StoreError:
+        return False
+    return host is not None and host.status == Status.ONLINE and not routes.via_tunnel(host)
 
 
 def ownership_changed(events: HostEvents, status: HostStatus, host_ids: list[str]) -> None:

@@ -136,7 +136,7 @@ class Tick:
     """One round's outcome, from the database."""
 
     owned: dict[str, int]  # host id -> epoch
-    changed: list[str]  # owned hosts whose row changed (or that are new to this replica)
+    changed: list[str]  # hosts whose row changed (or that are new to this replica, or gone)
     at: float  # this replica's monotonic clock when the round was sent
     others: list[str]  # the other live replicas' URLs
 
@@ -160,7 +160,7 @@ class Leases:
         self.started_at = time.time()
         self.problem = ""  # why the last round failed, for status
         self.others: list[str] = []  # the other live replicas' URLs, as the last round saw
-        self._seen: dict[str, tuple[Any, ...]] = {}  # owned hosts' rows at the last round
+        self._seen: dict[str, tuple[Any, ...]] = {}  # enabled hosts' rows at the last round
         self._round_task: asyncio.Future[Tick] | None = None  # its thread runs on if cancelled
         self._handing_over: set[str] = set()  # closed here last round; their leases go next
 
@@ -219,10 +219,10 @@ class Leases:
             log.info("replica %s: the database answers again", self.replica_id)
         self.problem = ""
         self.renewed_at, self.others = tick.at, tick.others
-        gone = [h for h in self.owned if h not in tick.owned]
+        moved = [h for h in self.owned.keys() ^ tick.owned.keys()]  # taken or given back
         self.owned = tick.owned
-        if gone or tick.changed:
-            self.on_change(gone + tick.changed)
+        if moved or tick.changed:
+            self.on_change(sorted(set(moved + tick.changed)))
 
     def _give_up(self, why: str) -> None:
         """Every host given up here, before its lease can run out elsewhere."""
@@ -249,8 +249,9 @@ class Leases:
             tunnel_at = {r[0]: r[1] for r in db.execute(
                 "SELECT host_id, replica FROM replica_tunnels").fetchall()}
             self._publish_tunnels(db, tunnels, tunnel_at)
-            hosts = db.execute("SELECT id, admin_state, transport, role_override, report_digest, "
-                               "libvirt_cert_serial FROM hosts WHERE admin_state='enabled'").fetchall()
+            hosts = db.execute("SELECT id, transport, role_override, report_digest, "
+                               "libvirt_cert_serial, status, detail FROM hosts "
+                               "WHERE admin_state='enabled'").fetchall()
             current = {r[0]: r[1] for r in db.execute(
                 f"SELECT host_id, owner FROM leases WHERE expires_at > {NOW_SQL}").fetchall()}
             pinned = tunnel_at | dict.fromkeys(tunnels, self.replica_id)
@@ -281,8 +282,11 @@ class Leases:
                     held[host_id] = row[0]
             for host_id in give_back:
                 held.pop(host_id, None)
-        rows = {row[0]: tuple(row) for row in hosts if row[0] in held}
+        # Every enabled host whose row changed, or that is no longer enabled: whichever
+        # replica changed it, this one's gateway socket and engine feed follow.
+        rows = {row[0]: tuple(row) for row in hosts}
         changed = [h for h, row in rows.items() if self._seen.get(h) != row]
+        changed += [h for h in self._seen if h not in rows]
         self._seen = rows
         others = [r[1] for r in replicas if r[0] != self.replica_id and r[1] != self.url]
         return Tick(held, changed, sent, others)

@@ -189,6 +189,14 @@ def test_each_host_has_one_owner_and_moves_within_seconds_when_its_owner_is_kill
                  and sorted(owners(second, ids).values()) == sorted([a, a, b, b]), 30,
                  "every host online, two owned by each replica")
         assert [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1]
+        # Each replica's gateway serves every host, the other's too (reached directly).
+        for host_id, owner in owners(second, ids).items():
+            for server in (first, second):
+                listed = subprocess.run(["virsh", "-c", server.gateway_uri(host_id), "list", "--all"],
+                                        capture_output=True, text=True, timeout=30)
+                assert listed.returncode == 0, (owner, listed.stderr)
+        wait_for(lambda: [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1], 10,
+                 "the gateway clients gone")
         seen: set[str] = set()
 
         def all_back_at_b() -> bool:

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import re
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -99,6 +100,16 @@ def _dialect(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
+def _spoke_while_idle(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server sent anything on a connection nobody is using: it only does to
+    end it (a termination notice, or the socket's end)."""
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
+
+
 class PgConnection:
     """psycopg used as the SQL store uses sqlite3: `execute`, `executemany`, rows by name.
     A psycopg error is StoreUnavailable, in words.
@@ -125,7 +136,13 @@ class PgConnection:
         if self._pinned is not None:
             return self._pinned
         if self._conn is not None and not (self._conn.closed or self._conn.broken):
-            return self._conn
+            if not _spoke_while_idle(self._conn):
+                return self._conn
+            # The server ended this idle connection (a restart, an administrator): a new
+            # one now, not an error for the call that finds it.
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
         if self._fresh is not None:
             self._conn, self._fresh, self._failed = self._fresh, None, None
             log.info("the database %s answers again", self.where)
