@@ -1,7 +1,7 @@
 """bench/run [--quick] [--profile FILE] [NAME ...]: the benchmarks, one Markdown table each,
 under a header saying when, on what machine and at which commit (what bench/README.md
-keeps). NAME: capacity, join, detect, footprint, burst, gateway, tunnel (default: all, in that
-order).
+keeps). NAME: capacity, join, detect, footprint, burst, gateway, tunnel, replicas (default: all,
+in that order).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import psutil
 
 from bench.util import interrupt_on_sigterm, kill_processes_using, remove_network_namespaces
 
-NAMES = ("capacity", "join", "detect", "footprint", "burst", "gateway", "tunnel")
+NAMES = ("capacity", "join", "detect", "footprint", "burst", "gateway", "tunnel", "replicas")
 
 
 def machine() -> str:

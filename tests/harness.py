@@ -347,8 +347,9 @@ class Postgres:
 
     def __init__(self, port: int, listen: str = "127.0.0.1", netns: str | None = None) -> None:
         self.port, self.listen = port, listen
-        # Not under pytest's tmp dirs: those are root's alone, and postgres must reach it.
-        self.base = Path(tempfile.mkdtemp(prefix="vfpg-"))
+        # In /tmp itself: pytest's and bench/run's temp dirs are root's alone (0700), and
+        # postgres must reach it. close() removes it.
+        self.base = Path(tempfile.mkdtemp(prefix="vfpg-", dir="/tmp"))
         self.base.chmod(0o755)
         shutil.chown(self.base, "postgres", "postgres")
         self.data = self.base / "data"
