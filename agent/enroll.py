@@ -99,6 +99,23 @@ async def check_server(url: str, ca_pin: str) -> None:
               "Nothing was changed.")
 
 
+async def first_answering(join_string: wire.JoinString) -> tuple[str, str]:
+    """The first of the join string's URLs whose server answers, and its CA: a replica
+    down at join time is passed over (one that answers with a refusal is not)."""
+    *others, last = [join_string.url, *join_string.more_urls]
+    for url in others:
+        try:
+            return url, await fetch_ca(url)
+        except ServerError as exc:
+            if exc.status is not None:
+                raise JoinError(str(exc)) from None
+            log.warning("%s does not answer (%s): trying the next replica", url, exc)
+    try:
+        return last, await fetch_ca(last)
+    except ServerError as exc:
+        raise JoinError(str(exc)) from None
+
+
 async def join(text: str, config: AgentConfig, state: State, force: bool = False) -> Enrollment:
     try:
         join_string = wire.JoinString.decode(text)
@@ -112,11 +129,8 @@ async def join(text: str, config: AgentConfig, state: State, force: bool = False
                               current.role if current else None)
     if current and current.hostname and not config.hostname_given:
         config.hostname = current.hostname  # a re-join keeps the name, as it keeps the role
-    try:
-        ca_pem = await fetch_ca(join_string.url)
-    except ServerError as exc:
-        raise JoinError(str(exc)) from None
-    check_pin(ca_pem, join_string.ca_pin, join_string.url)
+    url, ca_pem = await first_answering(join_string)
+    check_pin(ca_pem, join_string.ca_pin, url)
 
     # Through a tunnel, the server reaches libvirtd's unix socket: no TLS listener to set
     # up, and no libvirtd restart.
@@ -142,13 +156,15 @@ async def join(text: str, config: AgentConfig, state: State, force: bool = False
         # Joining the same server again: the host shows who it is, so the server gives it
         # the new identity in place (same id, same history) instead of a second host.
         ctx.load_cert_chain(state.identity)
-    answer = await enroll_request(join_string.url, request, ctx)
-    enrollment = Enrollment(host_id=answer.host_id, server_url=join_string.url,
+    answer = await enroll_request(url, request, ctx)
+    replicas = [url, *(u for u in (join_string.url, *join_string.more_urls) if u != url)]
+    enrollment = Enrollment(host_id=answer.host_id, server_url=url,
                             ca_pin=join_string.ca_pin, role=config.role, enrolled_at=time.time(),
-                            hostname=config.hostname)
+                            hostname=config.hostname,
+                            replica_urls=replicas if join_string.more_urls else [])
     state.save_enrollment(enrollment, pki.key_pem(key), answer.identity.certificate,
                           answer.identity.ca_certificate)
-    event(log, "enrolled", "enrolled with %s as host %s (role %s)", join_string.url,
+    event(log, "enrolled", "enrolled with %s as host %s (role %s)", url,
           answer.host_id, config.role, host_id=answer.host_id)
     if libvirt_key is not None:
         try:

@@ -134,9 +134,14 @@ class JoinString:
     url: str = _text(1024)
     ca_pin: str = _text(71)
     token: str = _text(4096)
+    # The other replicas' URLs (server replicas on one database): where `join` goes when
+    # `url` does not answer. Left out when empty, so a single server's join strings are
+    # what agents of every version read.
+    more_urls: list[str] = _urls()
 
     def encode(self) -> str:
-        body = json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if v or k != "more_urls"}
+        body = json.dumps(fields, separators=(",", ":")).encode()
         return JOIN_PREFIX + base64.urlsafe_b64encode(body).decode().rstrip("=")
 
     @classmethod
@@ -154,7 +159,8 @@ class JoinString:
         except (binascii.Error, ValueError) as exc:
             raise WireError(f"join string is damaged (was it cut short?): {exc}") from None
         join = parse(cls, obj)
-        _check_url(join.url)
+        for url in (join.url, *join.more_urls):
+            _check_url(url)
         if not _PIN.fullmatch(join.ca_pin):
             raise WireError("join string: ca_pin must be 'sha256:' followed by 64 hex digits")
         return join
@@ -274,7 +280,8 @@ class CheckinResponse:
     renew: bool = False
     # Where this server can be reached, best first: an agent whose URL is not among them
     # moves to the first (same CA, so the same trust), so a server can move without
-    # every host joining again.
+    # every host joining again. With replicas, the others follow: where an agent checks
+    # in when this one stops answering.
     server_urls: list[str] = _urls()
     # The digest of the report the server holds for this host: what a heartbeat carries.
     report_digest: str = _text(DIGEST_LENGTH, default="")

@@ -117,7 +117,8 @@ class Fleet:
                        created_at=time.time(), expires_at=claims.expires_at, revoked_at=None,
                        description=description, transport=transport)
         self.store.add_token(record)
-        join = wire.JoinString(url=self.config.url, ca_pin=self.identity_ca.pin, token=token)
+        join = wire.JoinString(url=self.config.url, ca_pin=self.identity_ca.pin, token=token,
+                               more_urls=self.other_replicas())
         log.info("created join token %s (role %s, %d use(s), expires %s)", claims.jti, role, uses,
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(claims.expires_at)))
         return CreatedToken(token=token, join=join.encode(), record=record)

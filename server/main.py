@@ -81,15 +81,19 @@ class EngineFeed:
     """Each host's record for engines, into the change log."""
 
     def __init__(self, changes: ChangeLog, gateway_uri: Callable[[str], str],
-                 states: Mapping[str, Connection]) -> None:
+                 states: Mapping[str, Connection],
+                 owns: Callable[[str], bool] = lambda _id: True) -> None:
+        """`owns(host_id)`: whether this server holds the host's connection; another
+        replica's is shown as `replica` (its state is that replica's)."""
         self.changes, self.gateway_uri, self.states = changes, gateway_uri, states
+        self.owns = owns
         # What each host's record was built from (its hash: the report text is kilobytes): a
         # check-in that changed nothing of it costs a comparison, not a rebuild.
         self._built_from: dict[str, int] = {}
 
     def publish(self, host: Host) -> None:
         state = self.states.get(host.id)
-        link = str(state.state) if state else "closed"
+        link = str(state.state) if state else "closed" if self.owns(host.id) else "replica"
         source = hash((host.report_text, host.status, host.detail, host.role, host.admin_state,
                        link))
         self.checked_in(host)
@@ -163,7 +167,7 @@ def build(config: ServerConfig) -> Parts:
                       functools.partial(gateway_reachable, states, ownership, store, routes),
                       config.engine_group)
     changes = ChangeLog()
-    feed = EngineFeed(changes, gateway.uri, states)
+    feed = EngineFeed(changes, gateway.uri, states, owns=ownership.owns)
     status = HostStatus(store, config.grace, states, on_change=feed.publish, owns=ownership.owns)
     opener = LibvirtOpener(ctx, config.run_dir / "links", dial=routes.dial)
     links = LinkManager(opener, routes, store.get_host, states, on_change=status.refresh,

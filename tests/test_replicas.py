@@ -4,6 +4,7 @@ they share (keys, tokens, hosts) and how a replica refuses a database it cannot 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -74,6 +75,16 @@ def test_replicas_share_the_fleet_keys_tokens_and_hosts(
         assert first.host(host_id)["admin_state"] == "disabled"
         tokens = first.admin_json("token", "list")
         assert [(t["uses"], t["max_uses"]) for t in tokens] == [(1, 1)]
+        # A join string names every live replica: with the one that made it down, a host
+        # joins at another.
+        later = wait_for(lambda: (j := first.token()) and wire.JoinString.decode(j).more_urls
+                         == [second.url] and j, 10, "a join string naming the other replica")
+        first.close()
+        late = make_agent("hv-late", None)
+        assert late.join(later).returncode == 0
+        joined = json.loads((late.state / "agent.json").read_text())
+        assert joined["server_url"] == second.url
+        assert joined["replica_urls"] == [second.url, first.url]
     finally:
         first.close()
         second.close()
@@ -204,6 +215,13 @@ def test_each_host_has_one_owner_and_moves_within_seconds_when_its_owner_is_kill
             seen.update(h["status"] for h in hosts)
             return all(h["owner"] == b and h["status"] == "online" for h in hosts)
 
+        # A storm of enrollments at the replica about to die, and the hosts' check-ins.
+        burst_join = first.token("--uses", "60", "--no-auto-enable")
+        answered = tmp_path / "enrolled-ids"
+        burst = subprocess.Popen([str(VENV_BIN / "python"), str(Path(__file__).with_name("enroll_burst.py")),
+                                  burst_join, "60", str(answered)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: len(second.hosts()) > len(ids) + 5, 30, "enrollments under way")
         with ConnectionWatch(daemons) as watch:
             first.proc.stop(signal.SIGKILL)
             killed = time.monotonic()
@@ -213,6 +231,12 @@ def test_each_host_has_one_owner_and_moves_within_seconds_when_its_owner_is_kill
             wait_for(lambda: [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1], 5,
                      "one connection to each host")
         assert took < 10 and "offline" not in seen and watch.most == 1, (took, seen, watch.most)
+        burst.communicate(timeout=60)
+        enrolled = set(answered.read_text().split())
+        pending = {h["id"] for h in second.hosts() if h["id"] not in ids}
+        assert enrolled and enrolled <= pending  # every enrollment answered is kept
+        token = next(t for t in second.admin_json("token", "list") if t["max_uses"] == 60)
+        assert token["uses"] == len(pending)  # and no use spent without its host
         listed = {r["id"]: r for r in second.api("GET", "/v1/replicas")}
         assert not listed[a]["alive"] and listed[b]["alive"] and listed[b]["hosts"] == 4
         shown = second.admin("replicas").stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import subprocess
 
@@ -17,6 +19,10 @@ def test_join_string_round_trips() -> None:
     join = wire.JoinString(url="https://vdi.example:8443", ca_pin="sha256:" + "a" * 64, token="t.o.k")
     assert wire.JoinString.decode(join.encode()) == join
     assert wire.JoinString.decode("  " + join.encode() + "\n") == join
+    # One server's join strings carry no other replicas: the same bytes every agent reads.
+    assert "more_urls" not in base64.urlsafe_b64decode(join.encode()[8:] + "==").decode()
+    replicas = dataclasses.replace(join, more_urls=["https://vdi-2.example:8443"])
+    assert wire.JoinString.decode(replicas.encode()) == replicas
 
 
 @pytest.mark.parametrize("text, words", [
@@ -25,6 +31,8 @@ def test_join_string_round_trips() -> None:
     ("vfjoin1.e30", "required field is missing"),
     (wire.JoinString(url="http://x", ca_pin="sha256:" + "a" * 64, token="t").encode(), "https"),
     (wire.JoinString(url="https://x", ca_pin="md5:00", token="t").encode(), "ca_pin"),
+    (wire.JoinString(url="https://x", ca_pin="sha256:" + "a" * 64, token="t",
+                     more_urls=["file:///etc/passwd"]).encode(), "must be https"),
 ])
 def test_bad_join_strings_name_the_problem(text: str, words: str) -> None:
     with pytest.raises(wire.WireError, match=words):
