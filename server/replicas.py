@@ -158,7 +158,7 @@ class Leases:
         self.owned: dict[str, int] = {}
         self.renewed_at = 0.0  # monotonic, when the last round that worked was sent
         self.started_at = time.time()
-        self.problem = ""  # why the last round failed, for status
+        self.problem = ""  # why the last round failed
         self.others: list[str] = []  # the other live replicas' URLs, as the last round saw
         self._seen: dict[str, tuple[Any, ...]] = {}  # enabled hosts' rows at the last round
         self._round_task: asyncio.Future[Tick] | None = None  # its thread runs on if cancelled
@@ -189,7 +189,18 @@ class Leases:
     async def run_forever(self) -> None:
         while True:
             await self._round()
-            await asyncio.sleep(RENEW_EVERY)
+            await asyncio.sleep(self._next_round_in())
+
+    def _deadline(self) -> float:
+        """When this replica must have given its hosts up, unless a round works first."""
+        return self.renewed_at + LEASE_TTL - MARGIN
+
+    def _next_round_in(self) -> float:
+        """RENEW_EVERY; but while rounds fail and hosts are held, not past the deadline
+        (the round then gives them up)."""
+        if self.problem and self.owned:
+            return min(RENEW_EVERY, max(0.0, self._deadline() - time.monotonic()))
+        return RENEW_EVERY
 
     async def close(self) -> None:
         """At a clean stop, once this replica's connections are closed: its leases given
@@ -202,7 +213,7 @@ class Leases:
         sent = time.monotonic()
         task = asyncio.ensure_future(asyncio.to_thread(self._tick, sent, self.tunnel_hosts()))
         self._round_task = task
-        deadline = self.renewed_at + LEASE_TTL - MARGIN if self.owned else None
+        deadline = self._deadline() if self.owned else None
         try:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             tick = await asyncio.wait_for(asyncio.shield(task), timeout)
@@ -212,7 +223,7 @@ class Leases:
             return
         except Exception as exc:  # noqa: BLE001 - a StoreError, or the database's own
             self.problem = str(exc)
-            if self.owned and time.monotonic() > self.renewed_at + LEASE_TTL - MARGIN:
+            if self.owned and time.monotonic() >= self._deadline() - 0.05:  # (sleeps wake early)
                 self._give_up(self.problem)
             return
         if self.problem:
@@ -228,7 +239,6 @@ class Leases:
         """Every host given up here, before its lease can run out elsewhere."""
         self.problem = why
         gone, self.owned = list(self.owned), {}
-        self._seen.clear()
         event(log, "leases_dropped", "replica %s gives up its %d hosts: %s", self.replica_id,
               len(gone), why, level=logging.ERROR, replica=self.replica_id)
         self.on_change(gone)

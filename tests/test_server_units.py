@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from common import wire
 from common.relay import Relay
 from server import main as server_main_mod
-from server import memory
+from server import memory, replicas
 from server.cli import build_parser as server_parser
 from server.cli import main as server_main
 from server.config import ServerConfig, unreachable_url_problem
@@ -32,6 +33,7 @@ from server.memory import GC_GROWTH, full_collection_due
 from server.model import Connection, Host, LinkState, Status
 from server.ratelimit import RateLimiter
 from server.replicas import assign
+from server.store import StoreUnavailable
 
 
 def report(ok: bool = True, endpoint: bool = True, role: str = "mixed",
@@ -556,3 +558,35 @@ def test_replicas_share_hosts_evenly_and_a_replica_joining_moves_few() -> None:
     few = assign(hosts[:4], ["a", "b", "c"], {}, {"host-000": "a", "host-001": "a",
                                                   "host-002": "b", "host-003": "b"})
     assert sorted(Counter(few.values()).values()) == [1, 1, 2]  # a newcomer gets its share
+
+
+def test_a_replica_whose_lease_rounds_fail_gives_its_hosts_up_before_the_leases_run_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database that refuses at once (not only one that hangs): the hosts go before
+    another replica could take them, not at the next regular round."""
+    # The real ones (2 s, 6 s, 1.5 s) divided by 5: rounds at 0, 0.4, 0.8, 1.2 s; the
+    # leases run out at 1.2 s.
+    monkeypatch.setattr(replicas, "RENEW_EVERY", 0.4)
+    monkeypatch.setattr(replicas, "LEASE_TTL", 1.2)
+    monkeypatch.setattr(replicas, "MARGIN", 0.3)
+    given_up: list[tuple[float, list[str]]] = []
+    store = SimpleNamespace(db=SimpleNamespace(url="postgresql://nowhere/none"))
+    leases = replicas.Leases(store, "r1", "https://r1:8443", set,  # type: ignore[arg-type]
+                             lambda ids: given_up.append((time.monotonic(), ids)))
+
+    def refused(_sent: float, _tunnels: set[str]) -> replicas.Tick:
+        raise StoreUnavailable("the database refuses")
+
+    leases._tick = refused  # type: ignore[method-assign]
+
+    async def run() -> None:
+        leases.owned, leases.renewed_at = {"h1": 1}, time.monotonic()
+        task = asyncio.create_task(leases.run_forever())
+        await asyncio.sleep(1.6)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    started = time.monotonic()
+    asyncio.run(run())
+    assert [ids for _at, ids in given_up] == [["h1"]] and not leases.owned
+    assert given_up[0][0] - started < 1.2
