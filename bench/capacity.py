@@ -49,8 +49,9 @@ STORM_PATIENCE = 900
 class LoadGen:
     """Load generator processes over a slice of the hosts each; their lines, as they come."""
 
-    def __init__(self, url: str, identities: Path, scale: Scale,
+    def __init__(self, urls: list[str], identities: Path, scale: Scale,
                  schedule: list[tuple[float, float]], log: Path) -> None:
+        """Process p checks in at urls[p % len(urls)] (replicas: a share each)."""
         hosts, procs = scale.hosts, scale.procs
         spec = ",".join(f"{i}:{s}" for i, s in schedule)
         share = hosts // procs
@@ -59,7 +60,7 @@ class LoadGen:
         for p in range(procs):
             count = share if p < procs - 1 else hosts - share * (procs - 1)
             proc = subprocess.Popen(
-                [str(VENV_BIN / "python"), "-m", "bench.loadgen", url, str(identities),
+                [str(VENV_BIN / "python"), "-m", "bench.loadgen", urls[p % len(urls)], str(identities),
                  str(p * share), str(count), f"{scale.interval:g}", spec], cwd=ROOT, stdout=subprocess.PIPE,
                 stderr=open(log, "ab"), text=True, start_new_session=True)
             self.procs.append(proc)
@@ -185,7 +186,7 @@ def hold_and_storm(scale: Scale, work: Path, state: Path, identities: Path, seed
     server = start_server(state, port, scale, profile, wrap)
     plain_argv = start_server_argv(state, port, scale, wrap)
     # Interval 0: each host waits what the server tells it, as the agent does.
-    load = LoadGen(server.url, identities, scale, [(0, 7200)], work / "loadgen.log")
+    load = LoadGen([server.url], identities, scale, [(0, 7200)], work / "loadgen.log")
     sampler = Sampler({"server": server_pid(server)})
     try:
         t0 = load.wait_ready()
@@ -253,7 +254,7 @@ def rate_search(scale: Scale, work: Path, state: Path, identities: Path) -> str:
     port = free_port()
     server = start_server(state, port, scale, None)
     try:
-        ours = steps(scale, server.url, identities, work, server_pid(server))
+        ours = steps(scale, [server.url], identities, work, [server_pid(server)])
     finally:
         server.proc.stop()
     bare_port = free_port()
@@ -263,7 +264,7 @@ def rate_search(scale: Scale, work: Path, state: Path, identities: Path) -> str:
     try:
         wait_for(lambda: subprocess.run(["ss", "-Hltn", f"sport = :{bare_port}"], capture_output=True,
                                         text=True).stdout.strip(), 20, "the bare server")
-        theirs = steps(scale, f"https://127.0.0.1:{bare_port}", identities, work, bare.pid)
+        theirs = steps(scale, [f"https://127.0.0.1:{bare_port}"], identities, work, [bare.pid])
     finally:
         bare.kill()
         bare.wait()
@@ -278,13 +279,15 @@ def rate_search(scale: Scale, work: Path, state: Path, identities: Path) -> str:
                  "0 errors)", header, rows)
 
 
-def steps(scale: Scale, url: str, identities: Path, work: Path, pid: int) -> list[dict[str, Any]]:
+def steps(scale: Scale, urls: list[str], identities: Path, work: Path,
+          pids: list[int]) -> list[dict[str, Any]]:
     """Each rate for `scale.step` seconds, after a first step that lasts until every host has
-    checked in once (its cold start is not measured)."""
+    checked in once (its cold start is not measured). `cpu`: of every process in `pids`
+    (the servers, and a database)."""
     schedule = [(0.0, STORM_PATIENCE)]  # the server's intervals spread the hosts out
     schedule += [(scale.hosts / rate, scale.step) for rate in scale.rates]
-    load = LoadGen(url, identities, scale, schedule, work / "loadgen.log")
-    sampler = Sampler({"server": pid})
+    load = LoadGen(urls, identities, scale, schedule, work / "loadgen.log")
+    sampler = Sampler({f"server{i}": pid for i, pid in enumerate(pids)})
     try:
         load.wait_ready()
         wait_for(lambda: load.recovered() >= scale.hosts, STORM_PATIENCE, "every host's first check-in", 0.5)
@@ -299,7 +302,7 @@ def steps(scale: Scale, url: str, identities: Path, work: Path, pid: int) -> lis
             settle = 1.5 * (schedule[n][0] or scale.interval)
             a, b = t0 + n * scale.step + settle, t0 + (n + 1) * scale.step
             result = load.window(a, b)
-            result["cpu"] = sampler.window("server", a, b)[0]
+            result["cpu"] = sum(sampler.window(f"server{i}", a, b)[0] for i in range(len(pids)))
             results.append(result)
         return results
     finally:

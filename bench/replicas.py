@@ -1,4 +1,4 @@
-"""Replicas on PostgreSQL: failover, and what the database does per check-in.
+"""Replicas on PostgreSQL: failover, what the database does, and check-in capacity.
 
 Two replicas (`serve --database`) on a PostgreSQL 15 cluster of the benchmark's own, and
 hosts with real libvirtds checking in every second, all on loopback. Each round kills
@@ -6,7 +6,8 @@ hosts with real libvirtds checking in every second, all on loopback. Each round 
 open libvirt connection at the other (the survivor's link state, not the stored status,
 which still says `online` from before), then starts it again and waits until the hosts
 are shared out again. The database's load: its committed transactions and its
-processes' CPU over a quiet window, per check-in the replicas served.
+processes' CPU over a quiet window. Then the check-in capacity of two replicas on
+PostgreSQL next to one server on SQLite (`capacity`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from pathlib import Path
 
 import psutil
 
+from bench.capacity import Scale, best, cells, server_args, server_pid, steps
+from bench.report import simulated_report
+from bench.seed import seed_hosts
 from bench.util import cpu_seconds, spread, table
 from tests.harness import VENV_BIN, Agent, Libvirtd, Postgres, Server, free_port, wait_for
 
@@ -28,6 +32,10 @@ ARGS = ("--checkin-interval", "1", "--grace", "4")
 
 
 def run(quick: bool) -> str:
+    return failover_and_load(quick) + capacity(quick)
+
+
+def failover_and_load(quick: bool) -> str:
     count, rounds, window = (4, 2, 5.0) if quick else (8, 5, 20.0)
     base = Path(tempfile.mkdtemp(prefix="vfb-replicas-"))
     pg = Postgres(free_port()).start()
@@ -142,3 +150,48 @@ def database_load(pg: Postgres, replicas: list[Server], window: float) -> dict[s
     return {"commits": after[0] - before[0], "cpu": after[1] - before[1],
             "checkins": max(after[2] - before[2], 1.0)}
 
+
+
+QUICK = Scale(hosts=200, interval=1, settle=1.5, hold=0, rates=[200, 400], step=4, procs=2)
+FULL = Scale(hosts=2000, interval=10, settle=10, hold=0, rates=[400, 800, 1200, 1600, 2000],
+             step=30, procs=2)
+
+
+def capacity(quick: bool) -> str:
+    """The same simulated hosts' check-ins (bench/loadgen.py, as in bench/run capacity)
+    at rising rates: one server on SQLite, then two replicas on PostgreSQL, each load
+    generator at one replica. CPU: the servers' and the database's together."""
+    scale = QUICK if quick else FULL
+    work = Path(tempfile.mkdtemp(prefix="vfb-replicas-capacity-"))
+    report = simulated_report()
+    seed_hosts(work / "sqlite", work / "sqlite-ids", scale.hosts, report)
+    alone = Server(work / "sqlite", free_port(), *server_args(scale, [])).start()
+    try:
+        sqlite = steps(scale, [alone.url], work / "sqlite-ids", work, [server_pid(alone)])
+    finally:
+        alone.proc.stop()
+    pg = Postgres(free_port()).start()
+    replicas: list[Server] = []
+    try:
+        url = pg.new_database("capacity")
+        subprocess.run([str(VENV_BIN / "virtfleet-server"), "--state-dir", str(work / "init"),
+                        "init", "--database", url], check=True, capture_output=True, timeout=60)
+        seed_hosts(work / "seed", work / "pg-ids", scale.hosts, report, database=url)
+        replicas = [Server(work / name, free_port(), *server_args(scale, []), "--database", url).start()
+                    for name in ("a", "b")]
+        assert pg.proc.proc is not None
+        database = [p.pid for p in psutil.Process(pg.proc.proc.pid).children(recursive=True)]
+        shared = steps(scale, [r.url for r in replicas], work / "pg-ids", work,
+                       [*map(server_pid, replicas), pg.proc.proc.pid, *database])
+    finally:
+        for server in replicas:
+            server.proc.stop()
+        pg.close()
+    rows = [[f"{rate:,.0f}/s", *cells(a), *cells(b)]
+            for rate, a, b in zip(scale.rates, sqlite, shared, strict=True)]
+    rows.append(["highest sustained", f"{best(sqlite):,.0f}/s", "", "", "",
+                 f"{best(shared):,.0f}/s", "", "", ""])
+    header = ["target", "1 server, SQLite", "p50 / p99 ms", "errors", "CPU",
+              "2 replicas, PostgreSQL", "p50 / p99 ms", "errors", "CPU (replicas + database)"]
+    return table(f"Check-in capacity: one server on SQLite vs two replicas on PostgreSQL "
+                 f"({scale.hosts:,} hosts, same machine)", header, rows)

@@ -24,11 +24,12 @@ ADDRESS = "127.0.0.1"  # where the load generator checks in from
 
 
 def seed_hosts(state_dir: Path, identities: Path, count: int, report: wire.Report,
-               transport: str = "auto", enable: bool = True) -> None:
-    """Enroll `count` hosts; write identities/ca.crt and identities/N.pem for each."""
+               transport: str = "auto", enable: bool = True, database: str = "") -> None:
+    """Enroll `count` hosts; write identities/ca.crt and identities/N.pem for each.
+    `database`: a PostgreSQL URL (`init` made its keys) instead of SQLite in state_dir."""
     logging.getLogger("server").setLevel(logging.WARNING)  # 10,000 "enrolled" lines is noise
     identities.mkdir(parents=True, exist_ok=True)
-    parts = build(ServerConfig(state_dir=state_dir))
+    parts = build(ServerConfig(state_dir=state_dir, database=database))
     fleet = parts.fleet
     try:
         token = fleet.create_token("mixed", ttl=3600, uses=count, auto_enable=enable,

@@ -177,6 +177,7 @@ def build(config: ServerConfig) -> Parts:
     tunnels.on_change = events.tunnel_changed
     if isinstance(ownership, Leases):
         ownership.on_change = functools.partial(ownership_changed, events, status)
+        ownership.on_lost = functools.partial(hosts_lost, links)
     fleet = Fleet(config, store, identity_ca, libvirt_ca, signer, status, events, states, CLIENT_DN,
                   Audit(store), tunnel_wanted=routes.via_tunnel,
                   other_replicas=ownership.other_urls)
@@ -184,6 +185,9 @@ def build(config: ServerConfig) -> Parts:
     sessions = WebSessions(store, fleet.audit, config.web_base_url, config.web_session_idle)
     return Parts(config, store, fleet, status, links, opener, routes, gateway, changes, events,
                  registry, metrics.Instruments(registry), sessions, ownership)
+
+
+OWNERSHIP_BATCH = 100  # hosts whose ownership changed, handled between two yields
 
 
 def owners(config: ServerConfig, store: Store, tunnels: Tunnels) -> SoleOwner | Leases:
@@ -194,7 +198,8 @@ def owners(config: ServerConfig, store: Store, tunnels: Tunnels) -> SoleOwner | 
 
     assert isinstance(store, PostgresStore)
     leases = Leases(store, replica_id(config.state_dir), config.url,
-                    tunnel_hosts=lambda: set(tunnels.links), on_change=lambda _ids: None)
+                    tunnel_hosts=lambda: set(tunnels.links), on_change=nothing_yet,
+                    on_lost=lambda _ids: None)
     store.fence = leases.fence
     return leases
 
@@ -216,15 +221,30 @@ def gateway_reachable(states: Mapping[str, Connection], ownership: SoleOwner | L
     return host is not None and host.status == Status.ONLINE and not routes.via_tunnel(host)
 
 
-def ownership_changed(events: HostEvents, status: HostStatus, host_ids: list[str]) -> None:
-    """Hosts taken, given up, or changed at another replica: their links follow."""
+async def ownership_changed(events: HostEvents, status: HostStatus, host_ids: list[str]) -> None:
+    """Hosts taken, given back, or changed at another replica: their links, gateway
+    sockets and engine records follow. In batches, the event loop serving check-ins in
+    between: a replica starting with 10,000 hosts hears of them all at once."""
+    for start in range(0, len(host_ids), OWNERSHIP_BATCH):
+        for host_id in host_ids[start:start + OWNERSHIP_BATCH]:
+            try:
+                events.host_changed(host_id)
+            except StoreError as exc:
+                events.links.host_changed(host_id)  # a host given back is dropped all the same
+                log.warning("host %s: its new owner's view is not complete: %s", host_id, exc)
+            status.refresh(host_id)
+        await asyncio.sleep(0)
+
+
+def hosts_lost(links: LinkManager, host_ids: list[str]) -> None:
+    """Hosts given up at once (the database is gone): their connections close now; the
+    link manager decides by ownership alone, without reading the store."""
     for host_id in host_ids:
-        try:
-            events.host_changed(host_id)
-        except StoreError as exc:
-            events.links.host_changed(host_id)  # a host given up is dropped all the same
-            log.warning("host %s: its new owner's view is not complete: %s", host_id, exc)
-        status.refresh(host_id)
+        links.host_changed(host_id)
+
+
+async def nothing_yet(_host_ids: list[str]) -> None:
+    """Until build() hands the lease loop its real callbacks."""
 
 
 def metrics_state(parts: Parts, guard: ConnectionGuard) -> metrics.State:

@@ -25,7 +25,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,11 +142,14 @@ class Tick:
 
 
 class Leases:
-    """The lease loop of one replica (see the module's words). `on_change(host_ids)`:
-    after hosts were taken, given up or changed elsewhere, on the event loop."""
+    """The lease loop of one replica (see the module's words). `on_change(host_ids)`
+    (awaited): after hosts were taken, given back or changed elsewhere; `on_lost(host_ids)`:
+    hosts given up at once, whose connections must close now without the store."""
 
     def __init__(self, store: PostgresStore, me: str, advertise_url: str,
-                 tunnel_hosts: Callable[[], set[str]], on_change: Callable[[list[str]], object]) -> None:
+                 tunnel_hosts: Callable[[], set[str]],
+                 on_change: Callable[[list[str]], Awaitable[object]],
+                 on_lost: Callable[[list[str]], object]) -> None:
         """`store`: the replica's store, for reads on the event loop; the lease rounds
         have a connection of their own to the same database."""
         from server.store.postgres import PgConnection
@@ -154,7 +157,7 @@ class Leases:
         self.store = store
         self.db = PgConnection(store.db.url)
         self.replica_id, self.url = me, advertise_url
-        self.tunnel_hosts, self.on_change = tunnel_hosts, on_change
+        self.tunnel_hosts, self.on_change, self.on_lost = tunnel_hosts, on_change, on_lost
         self.owned: dict[str, int] = {}
         self.renewed_at = 0.0  # monotonic, when the last round that worked was sent
         self.started_at = time.time()
@@ -233,7 +236,7 @@ class Leases:
         moved = [h for h in self.owned.keys() ^ tick.owned.keys()]  # taken or given back
         self.owned = tick.owned
         if moved or tick.changed:
-            self.on_change(sorted(set(moved + tick.changed)))
+            await self.on_change(sorted(set(moved + tick.changed)))
 
     def _give_up(self, why: str) -> None:
         """Every host given up here, before its lease can run out elsewhere."""
@@ -241,7 +244,7 @@ class Leases:
         gone, self.owned = list(self.owned), {}
         event(log, "leases_dropped", "replica %s gives up its %d hosts: %s", self.replica_id,
               len(gone), why, level=logging.ERROR, replica=self.replica_id)
-        self.on_change(gone)
+        self.on_lost(gone)
 
     # -- in the lease thread ---------------------------------------------------------
 

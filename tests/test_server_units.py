@@ -572,6 +572,7 @@ def test_a_replica_whose_lease_rounds_fail_gives_its_hosts_up_before_the_leases_
     given_up: list[tuple[float, list[str]]] = []
     store = SimpleNamespace(db=SimpleNamespace(url="postgresql://nowhere/none"))
     leases = replicas.Leases(store, "r1", "https://r1:8443", set,  # type: ignore[arg-type]
+                             server_main_mod.nothing_yet,
                              lambda ids: given_up.append((time.monotonic(), ids)))
 
     def refused(_sent: float, _tunnels: set[str]) -> replicas.Tick:
