@@ -8,6 +8,7 @@ Hosts are seeded through the server's own modules (bench/seed.py); the load gene
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -302,7 +303,9 @@ def steps(scale: Scale, urls: list[str], identities: Path, work: Path,
             settle = 1.5 * (schedule[n][0] or scale.interval)
             a, b = t0 + n * scale.step + settle, t0 + (n + 1) * scale.step
             result = load.window(a, b)
-            result["cpu"] = sum(sampler.window(f"server{i}", a, b)[0] for i in range(len(pids)))
+            cpus = [sampler.window(f"server{i}", a, b)[0] for i in range(len(pids))]
+            # A process that ended (a database's autovacuum worker) has no samples: nan.
+            result["cpu"] = sum(c for c in cpus if not math.isnan(c))
             results.append(result)
         return results
     finally:

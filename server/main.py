@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from common import notify
 from server import memory
 from server.audit import Audit
+from server.ca import CertificateAuthority
 from server.changes import ChangeLog
 from server.config import ServerConfig
 from server.doors import admin_api, agent_api, engine_api, metrics
@@ -39,12 +40,19 @@ from server.links.direct import Stream
 from server.links.manager import LinkManager
 from server.links.opener import LibvirtOpener
 from server.links.pki import CLIENT_DN, dial_context, ensure_client_identity
+from server.links.relays import OwnerLinks, RelayDoor, replica_context
 from server.links.routes import Routes
 from server.links.tunnels import AgentPort, Tunnels
 from server.model import AdminState, Connection, Host, LinkState, Status
 from server.replicas import Leases, SoleOwner, replica_id
 from server.store import CHECKIN_FLUSH, Store, StoreError
-from server.tls import ensure_server_cert, limit_tls_buffers, server_context, server_names
+from server.tls import (
+    ensure_replica_cert,
+    ensure_server_cert,
+    limit_tls_buffers,
+    server_context,
+    server_names,
+)
 from server.websessions import WebSessions
 
 log = logging.getLogger(__name__)
@@ -71,6 +79,8 @@ class Parts:
     instruments: metrics.Instruments
     sessions: WebSessions
     ownership: SoleOwner | Leases
+    relays: RelayDoor | None  # other replicas' gateway clients, to this one's tunnel hosts
+    owner_links: OwnerLinks | None  # this one's gateway clients, to other replicas' tunnels
 
     def close(self) -> None:
         self.opener.stop()
@@ -115,9 +125,11 @@ class HostEvents:
     feed (fleet.LinkControl)."""
 
     def __init__(self, store: Store, links: LinkManager, gateway: Gateway, feed: EngineFeed,
-                 routes: Routes) -> None:
+                 routes: Routes, tunnel_elsewhere: Callable[[str], str] = lambda _id: "") -> None:
+        """`tunnel_elsewhere(host_id)`: the URL of another replica the host's tunnel
+        reached (its gateway socket here relays through that one), or ""."""
         self.store, self.links, self.gateway, self.feed = store, links, gateway, feed
-        self.routes = routes
+        self.routes, self.tunnel_elsewhere = routes, tunnel_elsewhere
 
     def host_changed(self, host_id: str, libvirtd_recovered: bool = False,
                      host: Host | None = None) -> None:
@@ -128,7 +140,7 @@ class HostEvents:
         # said where its libvirtd is cannot be reached at all, and 10,000 sockets for none
         # would cost 10,000 files.
         self.gateway.sync(host_id, host is not None and host.admin_state == AdminState.ENABLED
-                          and self.routes.can_route(host))
+                          and (self.routes.can_route(host) or bool(self.tunnel_elsewhere(host_id))))
         if host is None:
             self.feed.remove(host_id)
             self.routes.forget(host_id)
@@ -163,8 +175,10 @@ def build(config: ServerConfig) -> Parts:
     tunnels = Tunnels(functools.partial(identify, store), on_change=lambda _host_id: None)
     routes = Routes(tunnels)
     ownership = owners(config, store, tunnels)
-    gateway = Gateway(config.run_dir, functools.partial(dial_host, store, routes, ctx),
-                      functools.partial(gateway_reachable, states, ownership, store, routes),
+    relays, owner_links = replica_relays(config, ownership, identity_ca, tunnels)
+    gateway = Gateway(config.run_dir,
+                      functools.partial(dial_host, store, routes, ctx, ownership, owner_links),
+                      functools.partial(gateway_reachable, states, ownership, store),
                       config.engine_group)
     changes = ChangeLog()
     feed = EngineFeed(changes, gateway.uri, states, owns=ownership.owns)
@@ -173,7 +187,7 @@ def build(config: ServerConfig) -> Parts:
     links = LinkManager(opener, routes, store.get_host, states, on_change=status.refresh,
                         on_served=functools.partial(retire_previous_libvirt_cert, store),
                         owns=ownership.owns)
-    events = HostEvents(store, links, gateway, feed, routes)
+    events = HostEvents(store, links, gateway, feed, routes, ownership.tunnel_elsewhere)
     tunnels.on_change = events.tunnel_changed
     if isinstance(ownership, Leases):
         ownership.on_change = functools.partial(ownership_changed, events, status)
@@ -184,7 +198,18 @@ def build(config: ServerConfig) -> Parts:
     registry = metrics.registry_with_process()
     sessions = WebSessions(store, fleet.audit, config.web_base_url, config.web_session_idle)
     return Parts(config, store, fleet, status, links, opener, routes, gateway, changes, events,
-                 registry, metrics.Instruments(registry), sessions, ownership)
+                 registry, metrics.Instruments(registry), sessions, ownership, relays, owner_links)
+
+
+def replica_relays(config: ServerConfig, ownership: SoleOwner | Leases, identity_ca: CertificateAuthority,
+                   tunnels: Tunnels) -> tuple[RelayDoor | None, OwnerLinks | None]:
+    """With replicas: the door other replicas' gateways come through to this one's tunnel
+    hosts, and the way this one's gateway goes to theirs."""
+    if not isinstance(ownership, Leases):
+        return None, None
+    key, cert = ensure_replica_cert(identity_ca, config.state_dir / "tls", ownership.replica_id)
+    return (RelayDoor(tunnels.open_stream, ownership.owns),
+            OwnerLinks(replica_context(key, cert, identity_ca.cert_pem)))
 
 
 OWNERSHIP_BATCH = 100  # hosts whose ownership changed, handled between two yields
@@ -205,10 +230,10 @@ def owners(config: ServerConfig, store: Store, tunnels: Tunnels) -> SoleOwner | 
 
 
 def gateway_reachable(states: Mapping[str, Connection], ownership: SoleOwner | Leases,
-                      store: Store, routes: Routes, host_id: str) -> bool:
+                      store: Store, host_id: str) -> bool:
     """Whether a gateway client may go to the host now: this server's link to it is
-    online, or another replica owns the host, says it is online, and reaches it directly
-    (a tunnel ends only at its owner: there this replica refuses)."""
+    online, or another replica owns the host and says it is online (this one then dials
+    it too, or relays through the replica its tunnel reached)."""
     link = states.get(host_id)
     if link is not None and link.state == LinkState.ONLINE:
         return True
@@ -218,7 +243,7 @@ def gateway_reachable(states: Mapping[str, Connection], ownership: SoleOwner | L
         host = store.get_host(host_id)
     except StoreError:
         return False
-    return host is not None and host.status == Status.ONLINE and not routes.via_tunnel(host)
+    return host is not None and host.status == Status.ONLINE
 
 
 async def ownership_changed(events: HostEvents, status: HostStatus, host_ids: list[str]) -> None:
@@ -262,9 +287,14 @@ def metrics_url(config: ServerConfig) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
 
 
-async def dial_host(store: Store, routes: Routes, ctx: ssl.SSLContext, host_id: str) -> Stream:
+async def dial_host(store: Store, routes: Routes, ctx: ssl.SSLContext,
+                    ownership: SoleOwner | Leases, owners: OwnerLinks | None, host_id: str) -> Stream:
     """A stream to the host's libvirtd, for a gateway client: the way the link manager's
-    own connection takes, checked the same way."""
+    own connection takes, checked the same way; or, when the host's tunnel reached
+    another replica, relayed through that one."""
+    elsewhere = ownership.tunnel_elsewhere(host_id)
+    if owners is not None and elsewhere:
+        return await owners.open_stream(elsewhere, host_id)
     host = store.get_host(host_id)
     if host is None or not routes.can_route(host):
         raise LookupError(f"host {host_id} has no libvirt endpoint")
@@ -417,7 +447,8 @@ async def serve(config: ServerConfig) -> int:
             supervisor.start("leases", parts.ownership.run_forever)
         # Not aiohttp's TCPSite: it sets no deadline for the TLS handshake.
         listener = await asyncio.get_running_loop().create_server(
-            lambda: AgentPort(http, parts.routes.tunnels), config.listen_host, config.listen_port,
+            lambda: AgentPort(http, parts.routes.tunnels, parts.relays), config.listen_host,
+            config.listen_port,
             backlog=1024, ssl=server_context(key, cert, parts.fleet.identity_ca),
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT, reuse_address=True)
         await admin_api.start_socket(admin_runner, config.admin_socket)
@@ -438,6 +469,10 @@ async def serve(config: ServerConfig) -> int:
         if listener is not None:
             listener.close()
         parts.routes.tunnels.stop()
+        if parts.owner_links is not None:
+            parts.owner_links.stop()
+        if parts.relays is not None:
+            await parts.relays.stop()
         await parts.gateway.stop()
         await web_door.stop()
         await metrics_runner.cleanup()

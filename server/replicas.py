@@ -68,6 +68,9 @@ class SoleOwner:
     def other_urls(self) -> list[str]:
         return []
 
+    def tunnel_elsewhere(self, host_id: str) -> str:
+        return ""
+
     def owner_of(self, host_id: str) -> str:
         return ""
 
@@ -139,6 +142,7 @@ class Tick:
     changed: list[str]  # hosts whose row changed (or that are new to this replica, or gone)
     at: float  # this replica's monotonic clock when the round was sent
     others: list[str]  # the other live replicas' URLs
+    tunnels_elsewhere: dict[str, str]  # host id -> URL of the other replica its tunnel reached
 
 
 class Leases:
@@ -163,6 +167,7 @@ class Leases:
         self.started_at = time.time()
         self.problem = ""  # why the last round failed
         self.others: list[str] = []  # the other live replicas' URLs, as the last round saw
+        self.tunnels_elsewhere: dict[str, str] = {}  # as the last round saw
         self._seen: dict[str, tuple[Any, ...]] = {}  # enabled hosts' rows at the last round
         self._round_task: asyncio.Future[Tick] | None = None  # its thread runs on if cancelled
         self._handing_over: set[str] = set()  # closed here last round; their leases go next
@@ -179,6 +184,10 @@ class Leases:
 
     def other_urls(self) -> list[str]:
         return self.others
+
+    def tunnel_elsewhere(self, host_id: str) -> str:
+        """The URL of the other replica the host's tunnel reached, or ""."""
+        return self.tunnels_elsewhere.get(host_id, "")
 
     def owner_of(self, host_id: str) -> str:
         return self.store.lease_owner(host_id)
@@ -233,6 +242,7 @@ class Leases:
             log.info("replica %s: the database answers again", self.replica_id)
         self.problem = ""
         self.renewed_at, self.others = tick.at, tick.others
+        self.tunnels_elsewhere = tick.tunnels_elsewhere
         moved = [h for h in self.owned.keys() ^ tick.owned.keys()]  # taken or given back
         self.owned = tick.owned
         if moved or tick.changed:
@@ -302,7 +312,9 @@ class Leases:
         changed += [h for h in self._seen if h not in rows]
         self._seen = rows
         others = [r[1] for r in replicas if r[0] != self.replica_id and r[1] != self.url]
-        return Tick(held, changed, sent, others)
+        urls = {r[0]: r[1] for r in replicas if r[0] != self.replica_id}
+        elsewhere = {h: urls[r] for h, r in tunnel_at.items() if r in urls}
+        return Tick(held, changed, sent, others, elsewhere)
 
     def _publish_tunnels(self, db: Any, tunnels: set[str], tunnel_at: dict[str, str]) -> None:
         """Where each tunnel is: the host's lease follows it."""

@@ -17,6 +17,8 @@ from cryptography.x509.oid import NameOID
 from common import pki, tunnel
 from common.files import write_atomic
 from server.ca import CertificateAuthority, Names
+from server.links.relays import ALPN as RELAY_ALPN
+from server.links.relays import REPLICA_ORG
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,24 @@ def ensure_server_cert(ca: CertificateAuthority, directory: Path, names: Names) 
     return key_path, cert_path
 
 
+def ensure_replica_cert(ca: CertificateAuthority, directory: Path, replica: str) -> tuple[Path, Path]:
+    """This replica's client certificate for other replicas' relays: organisation
+    REPLICA_ORG, which no host's certificate has. Re-issued when expiry nears."""
+    key_path, cert_path = directory / "replica.key", directory / "replica.crt"
+    subject = [(NameOID.ORGANIZATION_NAME, REPLICA_ORG), (NameOID.COMMON_NAME, replica)]
+    if key_path.exists() and cert_path.exists():
+        cert = pki.load_cert(cert_path.read_bytes())
+        fresh = pki.not_after(cert) - dt.datetime.now(dt.UTC) > RENEW_BEFORE
+        if fresh and cert.issuer == ca.cert.subject and cert.subject == x509.Name(
+                [x509.NameAttribute(oid, value) for oid, value in subject]):
+            return key_path, cert_path
+    key = pki.new_key()
+    cert = ca.issue(key.public_key(), subject, lifetime=SERVER_CERT_LIFETIME, client=True)
+    write_atomic(key_path, pki.key_pem(key), mode=0o600)
+    write_atomic(cert_path, pki.cert_pem(cert))
+    return key_path, cert_path
+
+
 def _names_of(cert: x509.Certificate) -> Names:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -87,8 +107,9 @@ def server_context(key_path: Path, cert_path: Path, client_ca: CertificateAuthor
     # and making two tickets (each sealing the client certificate) was a quarter of a
     # handshake's cost: 315 -> 376 handshakes/s at full load (bench/README.md).
     ctx.num_tickets = 0
-    # An agent asks for a tunnel (common/tunnel.py) by ALPN; everything else is HTTP/1.1.
-    ctx.set_alpn_protocols([tunnel.ALPN, "http/1.1"])
+    # An agent asks for a tunnel (common/tunnel.py) by ALPN, another replica for a relay
+    # (server/links/relays.py); everything else is HTTP/1.1.
+    ctx.set_alpn_protocols([tunnel.ALPN, RELAY_ALPN, "http/1.1"])
     return ctx
 
 

@@ -11,7 +11,8 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import wire
@@ -231,6 +232,8 @@ def test_each_host_has_one_owner_and_moves_within_seconds_when_its_owner_is_kill
             wait_for(lambda: [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1], 5,
                      "one connection to each host")
         assert took < 10 and "offline" not in seen and watch.most == 1, (took, seen, watch.most)
+        print(f"observed: the killed replica's hosts owned and online at the other {took:.1f} s "
+              "after the kill")
         burst.communicate(timeout=60)
         enrolled = set(answered.read_text().split())
         pending = {h["id"] for h in second.hosts() if h["id"] not in ids}
@@ -304,16 +307,41 @@ def nft(ns: str, rules: str) -> None:
                    check=True, timeout=10)
 
 
-def test_a_replica_cut_off_from_the_database_gives_its_hosts_up_before_another_takes_them(
-        tmp_path: Path) -> None:
-    net = Network(f"vfp{os.getpid() % 1000}")
+@dataclass
+class NamespacedReplicas:
+    """Two replicas, each in a network namespace of its own, on a PostgreSQL in another;
+    hosts (libvirtd + agent) in more, reaching them over the namespaces' bridge (or, NATed,
+    through a masquerading router)."""
+
+    net: Network
+    pg: Postgres
+    db_address: str
+    replicas: list[Server]
+    namespaces: list[str]  # the replicas'
+    hosts: list[tuple[Libvirtd, Agent]] = field(default_factory=list)
+
+    def add_host(self, base: Path, name: str, join: str, natted: bool = False) -> Agent:
+        ns, address = self.net.add_natted_host() if natted else self.net.add_host()
+        lv = Libvirtd(base / f"{name}-libvirtd", free_port(), listen_addr=address, netns=ns)
+        lv.start()
+        agent = Agent(base / name, lv.agent_config(), netns=ns, hostname=name)
+        self.hosts.append((lv, agent))
+        assert agent.join(join).returncode == 0
+        agent.start()
+        return agent
+
+
+@contextlib.contextmanager
+def namespaced_replicas(tmp_path: Path, tag: str) -> Iterator[NamespacedReplicas]:
+    net = Network(f"{tag}{os.getpid() % 1000}")
     pg: Postgres | None = None
     replicas: list[Server] = []
-    hosts: list[tuple[Libvirtd, Agent]] = []
+    namespaces: list[str] = []
+    fleet: NamespacedReplicas | None = None
     try:
         db_ns, db_address = net.add_host()
         pg = Postgres(free_port(), listen=db_address, netns=db_ns).start()
-        url = pg.new_database("partition")
+        url = pg.new_database("replicas")
         for name in ("a", "b"):
             ns, address = net.add_host()
             if not replicas:
@@ -323,25 +351,34 @@ def test_a_replica_cut_off_from_the_database_gives_its_hosts_up_before_another_t
                 assert made.returncode == 0, made.stderr
             replicas.append(Server(tmp_path / name, free_port(), *FAST, "--database", url,
                                    host=address, netns=ns).start())
-        first, second = replicas
-        cut_ns = next(ns for ns, address in net.hosts.items() if first.url == f"https://{address}:{first.port}")
+            namespaces.append(ns)
+        fleet = NamespacedReplicas(net, pg, db_address, replicas, namespaces)
+        yield fleet
+    finally:
+        for lv, agent in fleet.hosts if fleet else []:
+            agent.stop()
+            lv.stop()
+        for server in replicas:
+            server.close()
+        if pg is not None:
+            pg.close()
+        net.close()
+
+
+def test_a_replica_cut_off_from_the_database_gives_its_hosts_up_before_another_takes_them(
+        tmp_path: Path) -> None:
+    with namespaced_replicas(tmp_path, "vfp") as fleet:
+        first, second = fleet.replicas
         token = first.token("--uses", "4")
-        for i in range(4):
-            ns, address = net.add_host()
-            lv = Libvirtd(tmp_path / f"lv{i}", free_port(), listen_addr=address, netns=ns)
-            lv.start()
-            agent = Agent(tmp_path / f"hv-{i}", lv.agent_config(), netns=ns, hostname=f"hv-{i}")
-            hosts.append((lv, agent))
-            assert agent.join(token).returncode == 0
-            agent.start()
-        ids = [agent.host_id() for _lv, agent in hosts]
-        daemons = [lv for lv, _agent in hosts]
+        agents = [fleet.add_host(tmp_path, f"hv-{i}", token) for i in range(4)]
+        ids = [agent.host_id() for agent in agents]
+        daemons = [lv for lv, _agent in fleet.hosts]
         a, b = replica_ids(first, second)
         wait_for(lambda: sorted(owners(second, ids).values()) == sorted([a, a, b, b])
                  and all(second.host(h)["status"] == "online" for h in ids), 30,
                  "every host online, two owned by each replica")
         with ConnectionWatch(daemons) as watch:
-            nft(cut_ns, CUT_RULES.format(address=db_address))
+            nft(fleet.namespaces[0], CUT_RULES.format(address=fleet.db_address))
             cut = time.monotonic()
             wait_for(lambda: all(second.host(h)["owner"] == b and second.host(h)["status"] == "online"
                                  for h in ids)
@@ -351,18 +388,54 @@ def test_a_replica_cut_off_from_the_database_gives_its_hosts_up_before_another_t
             refused = first.admin("hosts", "list", check=False)
             assert refused.returncode != 0 and "cannot be used" in refused.stderr, refused.stderr
             assert "gives up its 2 hosts" in first.proc.log()
-            nft(cut_ns, "delete table inet cut\n")
+            nft(fleet.namespaces[0], "delete table inet cut\n")
             wait_for(lambda: sorted(owners(second, ids).values()) == sorted([a, a, b, b])
                      and all(second.host(h)["status"] == "online" for h in ids)
                      and [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1], 30,
                      "the replica back, owning its share again")
         assert took < 12 and watch.most == 1, (took, watch.most)
-    finally:
-        for lv, agent in hosts:
-            agent.stop()
-            lv.stop()
-        for server in replicas:
-            server.close()
-        if pg is not None:
-            pg.close()
-        net.close()
+        print(f"observed: the cut-off replica's hosts owned and online at the other {took:.1f} s "
+              "after the cut")
+
+
+def test_a_tunnel_host_is_reached_through_every_replicas_gateway(tmp_path: Path) -> None:
+    """Its tunnel ends at one replica: another's gateway relays through that one, with its
+    replica certificate; a host's certificate opens no relay."""
+    with namespaced_replicas(tmp_path, "vfq") as fleet:
+        first, second = fleet.replicas
+        agent = fleet.add_host(tmp_path, "hv-nat", first.token("--transport", "tunnel"), natted=True)
+        host_id = agent.host_id()
+        a, _b = replica_ids(first, second)
+        wait_for(lambda: (h := second.host(host_id))["status"] == "online" and h["owner"] == a, 30,
+                 "the tunnel host online, owned by the replica its tunnel reached")
+        for server in (first, second):
+            wait_for(lambda s=server: Path(s.gateway_uri(host_id).split("socket=")[1]).exists(), 10,
+                     "the host's gateway socket")
+            listed = subprocess.run(["virsh", "-c", server.gateway_uri(host_id), "list", "--all"],
+                                    capture_output=True, text=True, timeout=30)
+            assert listed.returncode == 0, listed.stderr
+        probe = subprocess.run(
+            ["ip", "netns", "exec", fleet.namespaces[1], str(VENV_BIN / "python"), "-c",
+             RELAY_PROBE, first.url, str(agent.state / "ca.crt"), str(agent.state / "identity.pem")],
+            capture_output=True, text=True, timeout=30)
+        assert probe.stdout.strip() == "closed", probe.stdout + probe.stderr
+        assert "refused a relay connection" in first.proc.log()
+
+
+# A host's own certificate at a replica's relay door: the connection is cut at once.
+RELAY_PROBE = r"""
+import socket, ssl, sys
+from urllib.parse import urlsplit
+url, ca, identity = sys.argv[1:]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.load_cert_chain(identity)
+ctx.set_alpn_protocols(["virtfleet-relay/1"])
+parts = urlsplit(url)
+with socket.create_connection((parts.hostname, parts.port), timeout=10) as raw:
+    with ctx.wrap_socket(raw, server_hostname=parts.hostname) as tls:
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        try:
+            print("closed" if tls.recv(1024) == b"" else "answered")
+        except (ConnectionError, ssl.SSLError):
+            print("closed")
+"""

@@ -23,6 +23,8 @@ from common import tunnel
 from common.logs import event
 from server.fleet import Refused, serial_of
 from server.links.direct import DialError, Stream
+from server.links.relays import ALPN as RELAY_ALPN
+from server.links.relays import RelayDoor
 from server.model import Host
 
 log = logging.getLogger(__name__)
@@ -132,8 +134,10 @@ class AgentPort(asyncio.Protocol):
     """One connection on the agent port, until its TLS handshake is done: then it is
     handed to the tunnel (its ALPN says so) or to aiohttp's HTTP handler."""
 
-    def __init__(self, http: Callable[[], asyncio.Protocol], tunnels: Tunnels) -> None:
-        self.http, self.tunnels = http, tunnels
+    def __init__(self, http: Callable[[], asyncio.Protocol], tunnels: Tunnels,
+                 relays: RelayDoor | None = None) -> None:
+        """`relays`: other replicas' relays to this one's tunnel hosts (none: refused)."""
+        self.http, self.tunnels, self.relays = http, tunnels, relays
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -142,6 +146,11 @@ class AgentPort(asyncio.Protocol):
         inner: asyncio.Protocol | None
         if chosen == tunnel.ALPN:
             inner = self.tunnels.accept(transport)
+        elif chosen == RELAY_ALPN and self.relays is not None:
+            inner = self.relays.accept(transport)
+        elif chosen == RELAY_ALPN:
+            transport.abort()  # one server: no replica relays to it
+            inner = None
         else:
             inner = self.http()
         if inner is None:
