@@ -188,6 +188,16 @@ def hosts_joined(tmp_path: Path, server: Server, make_agent: MakeAgent,
     return ids, daemons
 
 
+def agents_know_both_replicas(tmp_path: Path, count: int) -> None:
+    """Until each of hosts_joined's agents has both replicas' URLs (from its check-ins'
+    answers): where it goes when its replica stops answering."""
+    def known(i: int) -> int:
+        agent_json = json.loads((tmp_path / f"hv-{i}" / "state" / "agent.json").read_text())
+        return len(agent_json.get("replica_urls", []))
+
+    wait_for(lambda: all(known(i) == 2 for i in range(count)), 10, "the agents to know both replicas")
+
+
 def test_each_host_has_one_owner_and_moves_within_seconds_when_its_owner_is_killed(
         database: str, tmp_path: Path, make_agent: MakeAgent) -> None:
     initialized(database, tmp_path)
@@ -200,6 +210,7 @@ def test_each_host_has_one_owner_and_moves_within_seconds_when_its_owner_is_kill
         wait_for(lambda: all(second.host(h)["status"] == "online" for h in ids)
                  and sorted(owners(second, ids).values()) == sorted([a, a, b, b]), 30,
                  "every host online, two owned by each replica")
+        agents_know_both_replicas(tmp_path, 4)
         assert [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1]
         # Each replica's gateway serves every host, the other's too (reached directly).
         for host_id, owner in owners(second, ids).items():
@@ -439,3 +450,34 @@ with socket.create_connection((parts.hostname, parts.port), timeout=10) as raw:
         except (ConnectionError, ssl.SSLError):
             print("closed")
 """
+
+
+def test_a_host_moved_to_another_replica_renews_its_certificates_there(
+        database: str, tmp_path: Path, make_agent: MakeAgent) -> None:
+    initialized(database, tmp_path)
+    lifetime = ("--cert-lifetime", "14s")
+    first = Server(tmp_path / "a", free_port(), *FAST, *lifetime, "--database", database)
+    second = Server(tmp_path / "b", free_port(), *FAST, *lifetime, "--database", database)
+    daemons: list[Libvirtd] = []
+    try:
+        first.start(), second.start()
+        replica_ids(first, second)
+        ids, daemons = hosts_joined(tmp_path, first, make_agent, 1)
+        host_id = ids[0]
+        wait_for(lambda: second.host(host_id)["status"] == "online", 30, "the host online")
+        agents_know_both_replicas(tmp_path, 1)
+        first.close()  # its agent moves to the other replica
+        joined = second.host(host_id)
+        wait_for(lambda: time.time() > joined["certificate_expires"] + 1, 25,
+                 "the first certificate's expiry to pass")
+        now = second.host(host_id)
+        assert now["status"] == "online"
+        assert now["certificate_expires"] > joined["certificate_expires"]
+        assert now["libvirt_certificate_expires"] > joined["libvirt_certificate_expires"]
+        assert json.loads((tmp_path / "hv-0" / "state" / "agent.json").read_text())[
+            "server_url"] == second.url
+    finally:
+        first.close()
+        second.close()
+        for lv in daemons:
+            lv.stop()
