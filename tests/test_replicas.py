@@ -1,5 +1,8 @@
 """Several `virtfleet-server serve --database` replicas on one real PostgreSQL: what
-they share (keys, tokens, hosts) and how a replica refuses a database it cannot use."""
+they share (keys, tokens, hosts), who owns each host's libvirt connection (libvirtd's own
+client list, watched all along, says never two at once), failover when one is killed,
+stopped or cut off from the database, a database restart, relays to tunnel hosts, and
+how a replica refuses a database it cannot use."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from common import wire
 from tests.conftest import FAST
 from tests.harness import VENV_BIN, Agent, Libvirtd, Network, Postgres, Server, free_port, wait_for
+from tests.test_gateway import Engine
 
 MakeAgent = Callable[..., Agent]
 
@@ -188,6 +192,13 @@ def hosts_joined(tmp_path: Path, server: Server, make_agent: MakeAgent,
     return ids, daemons
 
 
+def engine_view(server: Server) -> dict[str, tuple[str, str]]:
+    """Each host's status and connection state, as the server's engine API lists them."""
+    status, listed = Engine(server).get("/v1/hosts")
+    assert status == 200
+    return {r["id"]: (r["status"], r["connection"]["state"]) for r in listed["hosts"]}
+
+
 def agents_know_both_replicas(tmp_path: Path, count: int) -> None:
     """Until each of hosts_joined's agents has both replicas' URLs (from its check-ins'
     answers): where it goes when its replica stops answering."""
@@ -212,6 +223,13 @@ def test_each_host_has_one_owner_and_moves_within_seconds_when_its_owner_is_kill
                  "every host online, two owned by each replica")
         agents_know_both_replicas(tmp_path, 4)
         assert [tls_clients(lv) for lv in daemons] == [1, 1, 1, 1]
+        # Each replica's engine API lists every host, whichever replica holds it (another's
+        # host's record follows within a lease round).
+        for server, me in ((first, a), (second, b)):
+            expected = {h: ("online", "online" if o == me else "replica")
+                        for h, o in owners(server, ids).items()}
+            wait_for(lambda s=server, e=expected: engine_view(s) == e, 10,
+                     "every host in the engine API")
         # Each replica's gateway serves every host, the other's too (reached directly).
         for host_id, owner in owners(second, ids).items():
             for server in (first, second):
