@@ -314,7 +314,10 @@ def test_a_replica_joining_takes_its_share_and_a_database_restart_loses_nothing(
                  and all(r["alive"] for r in first.api("GET", "/v1/replicas") if r["id"] != c), 30,
                  "both replicas back on the restarted database, every host online")
         assert {h: first.host(h)["enrolled_at"] for h in ids} == before
-        assert second.admin("token", "create").returncode == 0  # it writes again
+        # The other writes again too, once its store connected again (in the background,
+        # every second: until then it refuses, naming the database).
+        wait_for(lambda: second.admin("token", "create", check=False).returncode == 0, 10,
+                 "the other replica to write again")
     finally:
         first.close()
         second.close()
