@@ -407,6 +407,8 @@ async def serve(config: ServerConfig) -> int:
     files = raise_file_limit()
     logging.getLogger("asyncio").addFilter(OncePer(10.0, "socket.accept() out of system resource"))
     parts = build(config)
+    if isinstance(parts.ownership, Leases):
+        parts.ownership.store.watch_changes(asyncio.get_running_loop())
     memory.tune_garbage_collector()
     key, cert = ensure_server_cert(parts.fleet.identity_ca, config.state_dir / "tls",
                                    server_names(config.url, config.listen_host))

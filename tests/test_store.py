@@ -323,3 +323,57 @@ def test_a_deposed_owner_writes_no_status_of_the_host_it_lost(open_store: Opener
     seen = store.get_host("h1")
     assert seen is not None and (seen.status, seen.detail) == ("online", "seen by b")
     assert "a's late word" not in [e.detail for e in store.history("h1")]
+
+
+@pytest.mark.parametrize("open_store", ["postgresql"], indirect=True)
+def test_a_replica_keeps_the_rows_it_read_until_another_changes_them(open_store: Opener) -> None:
+    store = store_with(open_store, [make_host(cert_serial="s1"), make_host(id="h2", cert_serial="s2")])
+    other = open_store()
+    assert isinstance(store, PostgresStore)
+
+    async def run() -> None:
+        store.watch_changes(asyncio.get_running_loop())
+        rows = store._rows
+        await wait_async(lambda: getattr(rows, "live", False), "the watch to listen")
+        assert store.host_by_serial("s1") is not None  # read, and kept
+        reads = count_reads(store)
+        for _ in range(3):
+            host = store.host_by_serial("s1")
+            assert host is not None and host.admin_state == "enabled"
+        assert reads() == 0  # from the kept row
+        assert store.get_host("h2") is not None
+        store.record_checkin(host, "10.0.0.5", now=77)  # its own writes keep it current
+        store.flush_checkins()
+        # Announcements come in commit order: once another's later change to h2 is heard,
+        # the one of its own change to h1 was too, and ignored.
+        other.update_host("h2", role_override="mixed")
+        await wait_async(lambda: store._rows.by_id("h2") is None, "the other's change to h2")
+        assert (kept := store.host_by_serial("s1")) is not None and kept.last_checkin == 77
+        assert reads() == 1  # h2's row, not h1's
+        other.update_host("h1", admin_state="disabled")  # another replica's change
+        await wait_async(lambda: (h := store.host_by_serial("s1")) is not None
+                         and h.admin_state == "disabled", "the other's change to be seen")
+
+    asyncio.run(run())
+
+
+async def wait_async(condition: Callable[[], object], what: str, timeout: float = 10) -> None:
+    """`condition()` true within `timeout` s, the loop running meanwhile (it delivers the
+    watch's news)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def count_reads(store: PostgresStore) -> Callable[[], int]:
+    """How many statements the store ran from now on (its connection's execute)."""
+    calls = [0]
+    execute = store.db.execute
+
+    def counted(sql: str, args: object = ()) -> object:
+        calls[0] += sql.lstrip().upper().startswith("SELECT")
+        return execute(sql, args)  # type: ignore[arg-type]
+
+    store.db.execute = counted  # type: ignore[method-assign]
+    return lambda: calls[0]

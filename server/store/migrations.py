@@ -255,4 +255,19 @@ POSTGRES_MIGRATIONS = [
         replica TEXT NOT NULL
     );
     """,
+    # 3: every change to a host's row is announced (LISTEN virtfleet_hosts), so that each
+    # replica can keep the rows it reads and drop one another replica changed.
+    """
+    CREATE FUNCTION virtfleet_host_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'DELETE' THEN
+            PERFORM pg_notify('virtfleet_hosts', OLD.id);
+        ELSE
+            PERFORM pg_notify('virtfleet_hosts', NEW.id);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER hosts_changed AFTER INSERT OR UPDATE OR DELETE ON hosts
+        FOR EACH ROW EXECUTE FUNCTION virtfleet_host_changed();
+    """,
 ]

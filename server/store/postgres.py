@@ -12,6 +12,7 @@ must be noticed in seconds: connect, statement and TCP timeouts below.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -26,10 +27,11 @@ from typing import Any
 import psycopg
 import psycopg.conninfo
 
+from server.model import Status
 from server.replicas import NOW_SQL
 from server.store import StatusChange, StoreError, StoreUnavailable
 from server.store.migrations import POSTGRES_MIGRATIONS
-from server.store.sql import SqlStore
+from server.store.sql import SqlStore, WatchedCache
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +130,12 @@ class PgConnection:
         self._fresh: psycopg.Connection[Any] | None = None  # made by the reconnecting thread
         self._reconnecting: threading.Thread | None = None
         self._closed = threading.Event()
+        self.backend_pid = 0  # the connection's server process: its own NOTIFYs carry it
 
     def _connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url, autocommit=True, row_factory=_rows, **CONNECT_OPTIONS)
+        conn = psycopg.connect(self.url, autocommit=True, row_factory=_rows, **CONNECT_OPTIONS)
+        self.backend_pid = conn.info.backend_pid
+        return conn
 
     def connection(self) -> psycopg.Connection[Any]:
         if self._pinned is not None:
@@ -215,6 +220,53 @@ class PgConnection:
                 conn.close()
 
 
+class ChangeWatch:
+    """LISTEN virtfleet_hosts (migration 3's trigger announces every change to a host's
+    row) in a thread with its own connection: a row another connection changed is
+    dropped from `cache`, on `loop`. This replica's own writes (its store's connection)
+    keep the cache current themselves. While the watch is not listening the cache is
+    off: a change it did not hear would leave a stale row."""
+
+    def __init__(self, db: PgConnection, cache: WatchedCache, loop: asyncio.AbstractEventLoop) -> None:
+        self.db, self.cache, self.loop = db, cache, loop
+        self._stopping = threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="host-changes")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._conn = psycopg.connect(self.db.url, autocommit=True, **CONNECT_OPTIONS)
+                self._conn.execute("LISTEN virtfleet_hosts")
+                self.loop.call_soon_threadsafe(self._listening, True)
+                for note in self._conn.notifies():
+                    if self._stopping.is_set():
+                        return
+                    if note.payload and note.pid != self.db.backend_pid:
+                        self.loop.call_soon_threadsafe(self.cache.drop, note.payload)
+            except psycopg.Error as exc:
+                log.debug("not hearing the hosts' changes (%s): rows are not kept", exc)
+            except RuntimeError:  # the loop closed: the server is stopping
+                return
+            finally:
+                with contextlib.suppress(RuntimeError):
+                    self.loop.call_soon_threadsafe(self._listening, False)
+                if self._conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        self._conn.close()
+            self._stopping.wait(RECONNECT_EVERY)
+
+    def _listening(self, yes: bool) -> None:
+        self.cache.clear()  # what was kept may have changed unheard
+        self.cache.live = yes
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with contextlib.suppress(StoreUnavailable):
+            self.db.execute("NOTIFY virtfleet_hosts")  # wakes the listening thread
+
+
 class PostgresStore(SqlStore):
     SWEEP_SQL = ("SELECT id FROM hosts WHERE admin_state='enabled' AND CASE WHEN status='offline' "
                  "THEN COALESCE(last_checkin, enrolled_at) >= ? "
@@ -234,9 +286,18 @@ class PostgresStore(SqlStore):
         except BaseException:
             self.db.close()
             raise
-        super().__init__()
+        super().__init__(WatchedCache())
+        self.watch: ChangeWatch | None = None
+
+    def watch_changes(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Keep the hosts' rows read (the check-in's lookup: a round trip each, otherwise),
+        dropping each one another replica changed, on `loop`."""
+        assert isinstance(self._rows, WatchedCache)
+        self.watch = ChangeWatch(self.db, self._rows, loop)
 
     def _close_connection(self) -> None:
+        if self.watch is not None:
+            self.watch.stop()
         self.db.close()
 
     def _migrate(self) -> None:
@@ -272,19 +333,29 @@ class PostgresStore(SqlStore):
         changes nothing."""
         if self.fence is None:
             return super().set_statuses(changes)
-        refused = []
-        with self.transaction() as db:
-            for host_id, status, detail, since, record in changes:
-                owner, epoch = self.fence(host_id)
-                written = db.execute(
-                    "UPDATE hosts SET status=?, detail=?, status_since=? WHERE id=? AND "
-                    "(admin_state <> 'enabled' OR EXISTS (SELECT 1 FROM leases WHERE "
-                    "host_id=? AND owner=? AND epoch=?))",
-                    (status, detail, since, host_id, host_id, owner, epoch)).rowcount
-                if not written:
-                    refused.append(host_id)
-                elif record:
-                    self._add_history(host_id, since, status, detail)
+        refused, written = [], []
+        try:
+            with self.transaction() as db:
+                for host_id, status, detail, since, record in changes:
+                    owner, epoch = self.fence(host_id)
+                    if not db.execute(
+                            "UPDATE hosts SET status=?, detail=?, status_since=? WHERE id=? AND "
+                            "(admin_state <> 'enabled' OR EXISTS (SELECT 1 FROM leases WHERE "
+                            "host_id=? AND owner=? AND epoch=?))",
+                            (status, detail, since, host_id, host_id, owner, epoch)).rowcount:
+                        refused.append(host_id)
+                        continue
+                    written.append((host_id, status, detail, since))
+                    if record:
+                        self._add_history(host_id, since, status, detail)
+        except BaseException:
+            for host_id, *_ in changes:
+                self._rows.drop(host_id)
+            raise
+        for host_id, status, detail, since in written:
+            self._rows.lay_over(host_id, status=Status(status), detail=detail, status_since=since)
+        for host_id in refused:
+            self._rows.drop(host_id)
         if refused:
             log.warning("status of %d hosts not written: this replica no longer owns them (%s)",
                         len(refused), ", ".join(refused[:5]))

@@ -80,12 +80,12 @@ class SqlStore(abc.ABC):
     db: Connection
     where: str  # the store in an operator's words: its file, or the database (no password)
 
-    def __init__(self, rows: RowCache | None = None) -> None:
+    def __init__(self, rows: RowCache) -> None:
         # Check-ins written behind (record_checkin, record_report): host id -> its
         # UPDATE's values.
         self._liveness: dict[str, tuple[Any, ...]] = {}
         self._reports: dict[str, tuple[Any, ...]] = {}
-        self._rows = rows or NoCache()
+        self._rows = rows
         self._write_error: StoreError | None = None
 
     @abc.abstractmethod
@@ -486,21 +486,24 @@ class RowCache:
                     del self._serials[serial]
 
 
-class NoCache(RowCache):
-    """No rows kept: where other servers write the same hosts (PostgreSQL), a row read
-    earlier may be stale; every lookup reads the database."""
+class WatchedCache(RowCache):
+    """Rows kept while `live`: where other servers write the same hosts (PostgreSQL), only
+    while their changes are heard (postgres.ChangeWatch drops each row another server
+    changed); otherwise every lookup reads the database."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = False
 
     def by_id(self, host_id: str) -> Host | None:
-        return None
+        return super().by_id(host_id) if self.live else None
 
     def keep(self, host: Host) -> Host:
-        return host
+        return super().keep(host) if self.live else host
 
-    def lay_over(self, host_id: str, **values: Any) -> None:
-        pass
-
-    def drop(self, host_id: str) -> None:
-        pass
+    def clear(self) -> None:
+        self._hosts.clear()
+        self._serials.clear()
 
 
 def _copy(host: Host) -> Host:
