@@ -2,7 +2,8 @@
 
 The same SQL as SQLite's (sql.py) over one psycopg connection in autocommit mode, each
 multi-row change in an explicit transaction. Commits are durable (synchronous_commit)
-but for queued check-ins. Other replicas write the same rows, so nothing read is cached.
+but for queued check-ins. Other replicas write the same rows, so the rows read are kept
+only while their changes are heard (`ChangeWatch`).
 Besides the fleet's state it keeps what every replica must hold alike: the CAs and the
 token-signing key (`key_material`), written once by `virtfleet-server init`.
 
@@ -27,11 +28,10 @@ from typing import Any
 import psycopg
 import psycopg.conninfo
 
-from server.model import Status
 from server.replicas import NOW_SQL
 from server.store import StatusChange, StoreError, StoreUnavailable
 from server.store.migrations import POSTGRES_MIGRATIONS
-from server.store.sql import SqlStore, WatchedCache
+from server.store.sql import Connection, SqlStore, WatchedCache
 
 log = logging.getLogger(__name__)
 
@@ -327,38 +327,21 @@ class PostgresStore(SqlStore):
             db.execute("SET LOCAL synchronous_commit = off")
             yield db
 
-    def set_statuses(self, changes: list[StatusChange]) -> None:
-        """As SQLite's, but fenced: an enabled host's status is written only by the replica
-        whose lease on it still has the epoch that replica holds; a deposed owner's write
-        changes nothing."""
+    def _write_statuses(self, db: Connection, changes: list[StatusChange]) -> set[str]:
+        """Fenced: an enabled host's status is written only by the replica whose lease on
+        it still has the epoch that replica holds; a deposed owner's write changes nothing."""
         if self.fence is None:
-            return super().set_statuses(changes)
-        refused, written = [], []
-        try:
-            with self.transaction() as db:
-                for host_id, status, detail, since, record in changes:
-                    owner, epoch = self.fence(host_id)
-                    if not db.execute(
-                            "UPDATE hosts SET status=?, detail=?, status_since=? WHERE id=? AND "
-                            "(admin_state <> 'enabled' OR EXISTS (SELECT 1 FROM leases WHERE "
-                            "host_id=? AND owner=? AND epoch=?))",
-                            (status, detail, since, host_id, host_id, owner, epoch)).rowcount:
-                        refused.append(host_id)
-                        continue
-                    written.append((host_id, status, detail, since))
-                    if record:
-                        self._add_history(host_id, since, status, detail)
-        except BaseException:
-            for host_id, *_ in changes:
-                self._rows.drop(host_id)
-            raise
-        for host_id, status, detail, since in written:
-            self._rows.lay_over(host_id, status=Status(status), detail=detail, status_since=since)
-        for host_id in refused:
-            self._rows.drop(host_id)
-        if refused:
-            log.warning("status of %d hosts not written: this replica no longer owns them (%s)",
-                        len(refused), ", ".join(refused[:5]))
+            return super()._write_statuses(db, changes)
+        refused: set[str] = set()
+        for host_id, status, detail, since, _record in changes:
+            owner, epoch = self.fence(host_id)
+            if not db.execute(
+                    "UPDATE hosts SET status=?, detail=?, status_since=? WHERE id=? AND "
+                    "(admin_state <> 'enabled' OR EXISTS (SELECT 1 FROM leases WHERE "
+                    "host_id=? AND owner=? AND epoch=?))",
+                    (status, detail, since, host_id, host_id, owner, epoch)).rowcount:
+                refused.add(host_id)
+        return refused
 
     def lease_owner(self, host_id: str) -> str:
         row = self.db.execute(f"SELECT owner FROM leases WHERE host_id=? AND expires_at > {NOW_SQL}",

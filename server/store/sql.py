@@ -294,18 +294,31 @@ class SqlStore(abc.ABC):
             return
         try:
             with self.transaction() as db:
-                db.executemany("UPDATE hosts SET status=?, detail=?, status_since=? WHERE id=?",
-                               [(status, detail, since, host_id)
-                                for host_id, status, detail, since, _ in changes])
+                refused = self._write_statuses(db, changes)
                 for host_id, status, detail, since, record in changes:
-                    if record:
+                    if record and host_id not in refused:
                         self._add_history(host_id, since, status, detail)
         except BaseException:
             for host_id, *_ in changes:
                 self._rows.drop(host_id)
             raise
         for host_id, status, detail, since, _ in changes:
-            self._rows.lay_over(host_id, status=Status(status), detail=detail, status_since=since)
+            if host_id in refused:
+                self._rows.drop(host_id)
+            else:
+                self._rows.lay_over(host_id, status=Status(status), detail=detail,
+                                    status_since=since)
+        if refused:
+            log.warning("status of %d hosts not written: this server no longer owns them (%s)",
+                        len(refused), ", ".join(sorted(refused)[:5]))
+
+    def _write_statuses(self, db: Connection, changes: list[StatusChange]) -> set[str]:
+        """The UPDATEs of set_statuses, inside its transaction; the hosts whose row the
+        store refused to change (none here: PostgreSQL fences them)."""
+        db.executemany("UPDATE hosts SET status=?, detail=?, status_since=? WHERE id=?",
+                       [(status, detail, since, host_id)
+                        for host_id, status, detail, since, _ in changes])
+        return set()
 
     def note(self, host_id: str, at: float, status: str, detail: str) -> None:
         """A history row that is no status change (a rename, say)."""
