@@ -583,7 +583,7 @@ def test_a_replica_whose_lease_rounds_fail_gives_its_hosts_up_before_the_leases_
     async def run() -> None:
         leases.owned, leases.renewed_at = {"h1": 1}, time.monotonic()
         task = asyncio.create_task(leases.run_forever())
-        await asyncio.sleep(1.6)
+        await until(lambda: given_up, "the hosts given up", timeout=3)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
