@@ -288,13 +288,14 @@ def metrics_url(config: ServerConfig) -> str:
 
 
 async def dial_host(store: Store, routes: Routes, ctx: ssl.SSLContext,
-                    ownership: SoleOwner | Leases, owners: OwnerLinks | None, host_id: str) -> Stream:
+                    ownership: SoleOwner | Leases, owner_links: OwnerLinks | None,
+                    host_id: str) -> Stream:
     """A stream to the host's libvirtd, for a gateway client: the way the link manager's
     own connection takes, checked the same way; or, when the host's tunnel reached
     another replica, relayed through that one."""
     elsewhere = ownership.tunnel_elsewhere(host_id)
-    if owners is not None and elsewhere:
-        return await owners.open_stream(elsewhere, host_id)
+    if owner_links is not None and elsewhere:
+        return await owner_links.open_stream(elsewhere, host_id)
     host = store.get_host(host_id)
     if host is None or not routes.can_route(host):
         raise LookupError(f"host {host_id} has no libvirt endpoint")

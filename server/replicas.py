@@ -279,42 +279,49 @@ class Leases:
                 f"SELECT host_id, owner FROM leases WHERE expires_at > {NOW_SQL}").fetchall()}
             pinned = tunnel_at | dict.fromkeys(tunnels, self.replica_id)
             shares = assign((row[0] for row in hosts), live, pinned, current)
-            wanted = {h for h, r in shares.items() if r == self.replica_id}
-            # Given back in two rounds: first the connection is closed here (the host is
-            # no longer in `owned`) while the lease still keeps the others off, then the
-            # lease goes. Never two replicas connected to one host.
-            give_back = [h for h in held if h not in wanted]
-            closed = [h for h in give_back if h in self._handing_over]
-            if closed:
-                db.executemany("DELETE FROM leases WHERE host_id=? AND owner=?",
-                               [(h, self.replica_id) for h in closed])
-            closing = [h for h in give_back if h not in self._handing_over]
-            if closing:
-                db.executemany(
-                    "UPDATE hosts SET status='connecting', detail=? WHERE id=? AND admin_state='enabled'",
-                    [(f"moving to replica {shares[h]}", h) for h in closing if h in shares])
-            self._handing_over = set(closing)
-            for host_id in wanted - set(held):
-                row = db.execute(
-                    "INSERT INTO leases (host_id, owner, epoch, expires_at) "
-                    f"VALUES (?, ?, 1, {NOW_SQL} + ?) ON CONFLICT (host_id) DO UPDATE "
-                    "SET owner=excluded.owner, epoch=leases.epoch + 1, expires_at=excluded.expires_at "
-                    f"WHERE leases.expires_at <= {NOW_SQL} RETURNING epoch",
-                    (host_id, self.replica_id, LEASE_TTL)).fetchone()
-                if row is not None:
-                    held[host_id] = row[0]
-            for host_id in give_back:
-                held.pop(host_id, None)
+            self._give_back(db, held, shares)
+            self._take(db, held, {h for h, r in shares.items() if r == self.replica_id})
         # Every enabled host whose row changed, or that is no longer enabled: whichever
         # replica changed it, this one's gateway socket and engine feed follow.
         rows = {row[0]: tuple(row) for row in hosts}
         changed = [h for h, row in rows.items() if self._seen.get(h) != row]
         changed += [h for h in self._seen if h not in rows]
         self._seen = rows
-        others = [r[1] for r in replicas if r[0] != self.replica_id and r[1] != self.url]
         urls = {r[0]: r[1] for r in replicas if r[0] != self.replica_id}
+        others = [url for url in urls.values() if url != self.url]
         elsewhere = {h: urls[r] for h, r in tunnel_at.items() if r in urls}
         return Tick(held, changed, sent, others, elsewhere)
+
+    def _give_back(self, db: Any, held: dict[str, int], shares: dict[str, str]) -> None:
+        """The hosts held here that `shares` gives to others, in two rounds: first the
+        connection is closed here (the host leaves `held`, so `owned`) while the lease
+        still keeps the others off, then the lease goes. Never two replicas connected to
+        one host."""
+        give_back = [h for h in held if shares.get(h) != self.replica_id]
+        closed = [h for h in give_back if h in self._handing_over]
+        if closed:
+            db.executemany("DELETE FROM leases WHERE host_id=? AND owner=?",
+                           [(h, self.replica_id) for h in closed])
+        closing = [h for h in give_back if h not in self._handing_over]
+        if closing:
+            db.executemany(
+                "UPDATE hosts SET status='connecting', detail=? WHERE id=? AND admin_state='enabled'",
+                [(f"moving to replica {shares[h]}", h) for h in closing if h in shares])
+        self._handing_over = set(closing)
+        for host_id in give_back:
+            del held[host_id]
+
+    def _take(self, db: Any, held: dict[str, int], wanted: set[str]) -> None:
+        """Leases on the `wanted` hosts not held yet, where they ran out (epoch + 1)."""
+        for host_id in wanted - held.keys():
+            row = db.execute(
+                "INSERT INTO leases (host_id, owner, epoch, expires_at) "
+                f"VALUES (?, ?, 1, {NOW_SQL} + ?) ON CONFLICT (host_id) DO UPDATE "
+                "SET owner=excluded.owner, epoch=leases.epoch + 1, expires_at=excluded.expires_at "
+                f"WHERE leases.expires_at <= {NOW_SQL} RETURNING epoch",
+                (host_id, self.replica_id, LEASE_TTL)).fetchone()
+            if row is not None:
+                held[host_id] = row[0]
 
     def _publish_tunnels(self, db: Any, tunnels: set[str], tunnel_at: dict[str, str]) -> None:
         """Where each tunnel is: the host's lease follows it."""
@@ -323,6 +330,8 @@ class Leases:
         if gone:
             db.executemany("DELETE FROM replica_tunnels WHERE host_id=? AND replica=?",
                            [(h, self.replica_id) for h in gone])
+            for host_id in gone:
+                del tunnel_at[host_id]
         new = tunnels - mine
         if new:
             db.executemany("INSERT INTO replica_tunnels (host_id, replica) VALUES (?, ?) "
