@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from common import tunnel
 from common.backoff import Backoff
@@ -97,18 +96,9 @@ class TunnelKeeper:
             await asyncio.sleep(backoff.next_delay())
 
     async def _run_once(self) -> None:
-        parts = urlsplit(self.url)
-        ctx = self.context()
-        ctx.set_alpn_protocols([tunnel.ALPN])
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            transport, link = await loop.create_connection(
-                lambda: tunnel.H2Link(client_side=False, on_stream=self._serve),
-                parts.hostname or "", parts.port or 443, ssl=ctx, ssl_handshake_timeout=CONNECT_TIMEOUT)
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is None or ssl_object.selected_alpn_protocol() != tunnel.ALPN:
-            transport.abort()
-            raise OSError("the server does not offer tunnels (an older virtfleet-server?)")
+        link = await tunnel.connect(self.url, self.context(), tunnel.ALPN,
+                                    lambda: tunnel.H2Link(client_side=False, on_stream=self._serve),
+                                    CONNECT_TIMEOUT)
         self.link = link
         event(log, "tunnel_open", "tunnel open to %s", self.url, host_id=self.host_id)
         await link.closed.wait()

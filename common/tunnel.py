@@ -24,9 +24,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import h2.config
 import h2.connection
@@ -443,3 +445,25 @@ class H2Link(asyncio.Protocol):
     def describe(self) -> dict[str, Any]:
         return {"since": self.since, "streams": len(self.streams), "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out}
+
+
+async def connect(url: str, ctx: ssl.SSLContext, alpn: str, make_link: Callable[[], H2Link],
+                  timeout: float) -> H2Link:
+    """An HTTP/2 link over TLS to `url` whose peer chose `alpn` (set on `ctx` here).
+    OSError, ssl.SSLError or TimeoutError when it cannot be reached; NotSpoken when the
+    peer does not speak `alpn` (an older version)."""
+    parts = urlsplit(url)
+    ctx.set_alpn_protocols([alpn])
+    async with asyncio.timeout(timeout):
+        transport, link = await asyncio.get_running_loop().create_connection(
+            make_link, parts.hostname or "", parts.port or 443, ssl=ctx,
+            ssl_handshake_timeout=timeout)
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None or ssl_object.selected_alpn_protocol() != alpn:
+        transport.abort()
+        raise NotSpoken(f"{url} does not speak {alpn} (an older version?)")
+    return link
+
+
+class NotSpoken(ConnectionError):
+    """The peer answered TLS but not with the protocol asked for."""

@@ -18,7 +18,6 @@ import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from common import tunnel
 from common.relay import Relay
@@ -123,20 +122,11 @@ class OwnerLinks:
         return await asyncio.shield(opening)
 
     async def _connect(self, url: str) -> tunnel.H2Link:
-        parts = urlsplit(url)
-        ctx = self.context()
-        ctx.set_alpn_protocols([ALPN])
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                transport, link = await asyncio.get_running_loop().create_connection(
-                    lambda: tunnel.H2Link(client_side=True), parts.hostname or "", parts.port or 443,
-                    ssl=ctx, ssl_handshake_timeout=CONNECT_TIMEOUT)
+            link = await tunnel.connect(url, self.context(), ALPN, lambda: tunnel.H2Link(client_side=True),
+                                        CONNECT_TIMEOUT)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             raise DialError(f"cannot reach the replica that owns it ({url}): {exc}") from None
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
-            transport.abort()
-            raise DialError(f"the replica that owns it ({url}) relays nothing (an older version?)")
         self.links[url] = link
         return link
 
