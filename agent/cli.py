@@ -18,6 +18,7 @@ from agent.libvirt_tls import TLSSetupError
 from agent.state import Enrollment, State
 from common import VERSION, logs, notify, wire
 from common.cli import Subcommands, ago, complete, fail, print_json, when
+from common.tls import limit_tls_buffers
 
 log = logging.getLogger("agent")
 
@@ -316,7 +317,9 @@ async def _run(config: AgentConfig, state: State, config_path: Path, once: bool)
     if once:
         return 0 if (await check_in_once(config, state, enrollment)).ok else EXIT_FAILED
     from agent.runner import Runner  # not for `join` or `status`
+    from agent.tunnel import TLS_READ_BUFFER
 
+    limit_tls_buffers(TLS_READ_BUFFER)
     runner = Runner(config, state, enrollment)
     await runner.start()
     notify.ready(f"checking in with {enrollment.server_url} as {config.hostname}")

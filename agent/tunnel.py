@@ -28,6 +28,11 @@ from common.relay import Relay
 
 log = logging.getLogger(__name__)
 
+# The tunnel is the agent's one asyncio TLS connection. OpenSSL hands over one record at a
+# time, at most 16 KiB of plaintext: a bigger read buffer (asyncio's is 256 KiB, resident)
+# would never fill.
+TLS_READ_BUFFER = 16 * 1024
+
 CONNECT_TIMEOUT = 10.0  # TCP and TLS to the server
 STEADY = 30.0  # a tunnel that stayed up this long resets the backoff
 

@@ -20,10 +20,11 @@ from pathlib import Path
 from aiohttp import web
 
 from common import wire
+from common.tls import limit_tls_buffers
 from server.ca import CertificateAuthority
 from server.fleet import checkin_delay, serial_of
 from server.memory import tune_garbage_collector
-from server.tls import ensure_server_cert, limit_tls_buffers, server_context, server_names
+from server.tls import TLS_READ_BUFFER, ensure_server_cert, server_context, server_names
 
 ANSWER = {"host_id": "0123456789ab", "status": "connecting", "enabled": True, "role": "mixed",
           "detail": "waiting for the agent to report libvirtd's TLS endpoint", "renew": False,
@@ -43,7 +44,7 @@ async def checkin(request: web.Request) -> web.Response:
 
 def main() -> int:
     state, port, interval = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-    limit_tls_buffers()
+    limit_tls_buffers(TLS_READ_BUFFER)
     tune_garbage_collector()
     ca = CertificateAuthority.load_or_create(state / "identity", "virtfleet identity CA")
     key, cert = ensure_server_cert(ca, state / "bare-tls", server_names("https://127.0.0.1", "127.0.0.1"))

@@ -1,10 +1,12 @@
 """Footprint of a host: the agent's RSS and CPU time per hour at the default check-in
-interval, bytes per check-in on the wire (TLS bytes of the agent's connection to the
-server, from the kernel's TCP counters: headers of TCP/IP not included), and what the
-host's libvirt connection costs the server (bench/libvirt_memory.py).
+interval (a direct host and a NATed tunnel host side by side), bytes per check-in on the
+wire (TLS bytes of the agent's connection to the server, from the kernel's TCP counters:
+headers of TCP/IP not included), and what the host's libvirt connection costs the server
+(bench/libvirt_memory.py).
 
-One host in its own network namespace (its own libvirtd, the server's libvirt connection
-open), the server in another.
+Each host in its own network namespace (its own libvirtd, the server's libvirt connection
+open: over TLS to the direct one, through its agent's tunnel to the other), the server in
+another.
 """
 
 from __future__ import annotations
@@ -67,21 +69,27 @@ def run(quick: bool) -> str:
     try:
         server.start()
         ns, libvirtd, agent = fleet.add_host("hv-1")
-        server.wait_status(agent.host_id(), "online", 30)
-        assert agent.proc is not None and agent.proc.proc is not None
-        pid = agent.proc.proc.pid
-        # `join` checked in already: measure from the service's own first check-in, on
-        # the connection it keeps.
-        born = psutil.Process(pid).create_time()
-        wait_for(lambda: (last_checkin(agent)[0] or 0) > born, 30, "the agent's first check-in")
-        sampler = Sampler({"agent": pid})
+        # A NATed host whose libvirt the server reaches through the agent's tunnel.
+        _, _, tunnel_agent = fleet.add_host("hv-2", natted=True,
+                                            token_args=("--transport", "tunnel"))
+        pids = {}
+        for name, each in (("direct", agent), ("tunnel", tunnel_agent)):
+            server.wait_status(each.host_id(), "online", 30)
+            assert each.proc is not None and each.proc.proc is not None
+            pids[name] = each.proc.proc.pid
+            # `join` checked in already: measure from the service's own first check-in,
+            # on the connection it keeps.
+            born = psutil.Process(pids[name]).create_time()
+            wait_for(lambda a=each, b=born: (last_checkin(a)[0] or 0) > b, 30,
+                     f"the {name} agent's first check-in")
+        sampler = Sampler(pids)
         start, before = time.time(), tcp_bytes(ns, server.port)
         kinds = checkins_seen(agent, ns, server.port, seconds)
         count = sum(map(len, kinds.values()))
         end, after = time.time(), tcp_bytes(ns, server.port)
-        private = private_mb(pid)
+        private = {name: private_mb(pid) for name, pid in pids.items()}
         sampler.stop()
-        cpu, rss = sampler.window("agent", start, end)
+        usage = {name: sampler.window(name, start, end) for name in pids}
         uri = (f"qemu+tls://{fleet.net.hosts[ns]}:{libvirtd.tls_port}/system"
                f"?pkipath={server.state}/libvirt-client")
         libvirt_kb = libvirt_connection_kb(fleet.net.server_ns, uri, 100 if quick else 300)
@@ -90,12 +98,16 @@ def run(quick: bool) -> str:
     interval = args[1] if args else "10"
     sent, received = after[0] - before[0], after[1] - before[1]
     rows = [
-        ["RSS (peak while measured)", f"{rss:.1f} MB", "target < 40 MB"],
-        ["of which its own (USS, private pages)", f"{private:.1f} MB",
+        ["RSS (peak while measured), direct / tunnel host",
+         f"{usage['direct'][1]:.1f} / {usage['tunnel'][1]:.1f} MB",
+         "target < 40 MB; the tunnel host's agent carries the server's libvirt connection"],
+        ["of which its own (USS, private pages)",
+         f"{private['direct']:.1f} / {private['tunnel']:.1f} MB",
          "the rest: shared libraries (libvirt, OpenSSL, Python)"],
-        ["CPU time per hour", f"{cpu / 100 * 3600:.1f} s/h",
-         f"interval {interval} s, {count} check-ins in {seconds:.0f} s"],
-        ["bytes per check-in, sent / received", f"{sent / max(count, 1):,.0f} / "
+        ["CPU time per hour", f"{usage['direct'][0] / 100 * 3600:.1f} / "
+         f"{usage['tunnel'][0] / 100 * 3600:.1f} s/h",
+         f"interval {interval} s, {count} check-ins in {seconds:.0f} s (direct host)"],
+        ["bytes per check-in, sent / received (direct host)", f"{sent / max(count, 1):,.0f} / "
          f"{received / max(count, 1):,.0f} B", "TLS records on a kept-alive connection"],
         ["bytes sent per heartbeat / per full report", f"{mean(kinds['heartbeat'])} / "
          f"{mean(kinds['report'])} B", f"{len(kinds['heartbeat'])} heartbeats, "

@@ -46,8 +46,9 @@ from agent.state import client_context
 from bench.report import simulated_report
 from common import wire
 from common.backoff import Backoff
+from common.tls import limit_tls_buffers
 from server.fleet import checkin_delay
-from server.tls import limit_tls_buffers
+from server.tls import TLS_READ_BUFFER
 
 CONNECT_TIMEOUT = 10.0  # the agent's (agent/client.py)
 TOTAL_TIMEOUT = 20.0
@@ -275,7 +276,7 @@ def main() -> int:
     url, identities, first, count, start, schedule = sys.argv[1:7]
     heartbeats = "--full-reports" not in sys.argv[7:]
     steps = [(float(a), float(b)) for a, b in (s.split(":") for s in schedule.split(","))]
-    limit_tls_buffers()  # 256 KiB per connection otherwise: 5,000 hosts held 1.2 GB
+    limit_tls_buffers(TLS_READ_BUFFER)  # 256 KiB per connection otherwise: 5,000 hosts held 1.2 GB
     base = simulated_report()  # before our loop: it runs the collectors in one of its own
     asyncio.run(run(url, Path(identities), int(first), int(count), float(start), steps, base,
                     heartbeats))

@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 
 from agent.state import client_context
 from common import tunnel
-from server.tls import limit_tls_buffers
+from common.tls import limit_tls_buffers
+from server.tls import TLS_READ_BUFFER
 
 OPENING = 50  # handshakes in flight at once
 
@@ -59,7 +60,7 @@ async def run(url: str, identities: Path, count: int) -> None:
 
 def main() -> int:
     url, identities, count = sys.argv[1:4]
-    limit_tls_buffers()
+    limit_tls_buffers(TLS_READ_BUFFER)
     asyncio.run(run(url, Path(identities), int(count)))
     return 0
 

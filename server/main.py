@@ -23,6 +23,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from common import notify
+from common.tls import limit_tls_buffers
 from server import memory
 from server.audit import Audit
 from server.ca import CertificateAuthority
@@ -47,9 +48,9 @@ from server.model import AdminState, Connection, Host, LinkState, Status
 from server.replicas import Leases, SoleOwner, replica_id
 from server.store import CHECKIN_FLUSH, Store, StoreError
 from server.tls import (
+    TLS_READ_BUFFER,
     ensure_replica_cert,
     ensure_server_cert,
-    limit_tls_buffers,
     server_context,
     server_names,
 )
@@ -404,7 +405,7 @@ def status_line(url: str, counts: dict[str, int]) -> str:
 
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT (0), or until a background task dies (1)."""
-    limit_tls_buffers()
+    limit_tls_buffers(TLS_READ_BUFFER)
     files = raise_file_limit()
     logging.getLogger("asyncio").addFilter(OncePer(10.0, "socket.accept() out of system resource"))
     parts = build(config)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio.sslproto
 import datetime as dt
 import ipaddress
 import logging
@@ -24,8 +23,8 @@ log = logging.getLogger(__name__)
 
 SERVER_CERT_LIFETIME = dt.timedelta(days=365)
 RENEW_BEFORE = dt.timedelta(days=30)
-# asyncio's SSL transport gives every connection a read buffer of SSLProtocol.max_size
-# (256 KiB, zero-filled, so resident): 10,000 agents keeping their check-in connection
+# asyncio's SSL transport gives every connection a read buffer of 256 KiB (zero-filled, so
+# resident; common.tls.limit_tls_buffers): 10,000 agents keeping their check-in connection
 # alive held 2.5 GB in them. A check-in is about 1.4 KB on the wire, read here in two
 # calls (a bigger message in more); OpenSSL's input buffer for the connection grows no
 # bigger than one read either. 16 -> 4 KiB saved 8 KB per connection, 4 -> 1 KiB 3 KB
@@ -111,11 +110,3 @@ def server_context(key_path: Path, cert_path: Path, client_ca: CertificateAuthor
     # (server/links/relays.py); everything else is HTTP/1.1.
     ctx.set_alpn_protocols([tunnel.ALPN, RELAY_ALPN, "http/1.1"])
     return ctx
-
-
-def limit_tls_buffers(size: int = TLS_READ_BUFFER) -> None:
-    """Make asyncio's per-connection TLS read buffer `size` bytes instead of 256 KiB.
-
-    Process-wide (a class attribute read when each connection starts): the server calls
-    it once at start-up. A larger read is taken in several `recv_into` calls."""
-    asyncio.sslproto.SSLProtocol.max_size = size
