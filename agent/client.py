@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import http.client
 import json
-import re
 import select
 import socket
 import ssl
@@ -28,6 +27,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from common import wire
+from common.cli import printable  # server-sent text reaches terminals and logs
 
 T = TypeVar("T")
 CONNECT_TIMEOUT = 10.0  # TCP connect and TLS handshake
@@ -172,15 +172,6 @@ def _refusal(status: int, raw: bytes, retry_after: str) -> ServerError:
     except wire.WireError:  # not JSON, nested too deep, not an error body: the status says enough
         return ServerError(f"HTTP {status}", status, retry_after=wait)
     return ServerError(printable(body.message), status, printable(body.error), wait)
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """Server-sent text as it may reach a terminal or a log: control characters (escape
-    sequences) shown escaped, not obeyed."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def _untrusting_context() -> ssl.SSLContext:
