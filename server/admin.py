@@ -17,6 +17,7 @@ from common import wire
 from server.audit import host_target
 from server.fleet import CreatedToken, Fleet, Refused
 from server.model import AdminState, Host, Token, Transport
+from server.replicas import ReplicaInfo
 
 MAX_TTL = 7 * 24 * 3600
 MAX_USES = 100_000
@@ -31,6 +32,13 @@ class LinkView(Protocol):
 class GatewayView(Protocol):
     def uri(self, host_id: str) -> str: ...
     def describe(self, host_id: str) -> dict[str, int]: ...
+
+
+class OwnershipView(Protocol):
+    """Which replica holds each host's libvirt connection ("" for a sole server)."""
+
+    def owner_of(self, host_id: str) -> str: ...
+    def replicas(self) -> list[ReplicaInfo]: ...
 
 
 # -- references ------------------------------------------------------------------
@@ -156,8 +164,10 @@ def host_summary(host: Host) -> dict[str, Any]:
     }
 
 
-def host_detail(fleet: Fleet, links: LinkView, gateway: GatewayView, host: Host) -> dict[str, Any]:
+def host_detail(fleet: Fleet, links: LinkView, gateway: GatewayView, ownership: OwnershipView,
+                host: Host) -> dict[str, Any]:
     return host_summary(host) | {
+        "owner": ownership.owner_of(host.id),
         "admin_state": host.admin_state,
         "role_source": host.role_source,
         "configured_role": host.configured_role,

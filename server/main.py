@@ -425,7 +425,7 @@ async def serve(config: ServerConfig) -> int:
     metrics_runner = web.AppRunner(metrics.create_metrics_app(parts.registry, metrics_state(
         parts, guard)), access_log=None)
     web_door = WebDoor(config, create_web_app(parts.fleet, parts.links, parts.gateway,
-                                              parts.changes, parts.sessions))
+                                              parts.changes, parts.sessions, parts.ownership))
     supervisor = Supervisor()
     loops = Loops(parts, supervisor)
     await agent_runner.setup()

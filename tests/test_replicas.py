@@ -22,6 +22,7 @@ from common import wire
 from tests.conftest import FAST
 from tests.harness import VENV_BIN, Agent, Libvirtd, Network, Postgres, Server, free_port, wait_for
 from tests.test_gateway import Engine
+from tests.test_web import Client, web_login
 
 MakeAgent = Callable[..., Agent]
 
@@ -31,8 +32,8 @@ def server_cli(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-def replica(tmp_path: Path, name: str, database: str) -> Server:
-    return Server(tmp_path / name, free_port(), *FAST, "--database", database)
+def replica(tmp_path: Path, name: str, database: str, *extra: str) -> Server:
+    return Server(tmp_path / name, free_port(), *FAST, "--database", database, *extra)
 
 
 def at_url(join: str, url: str) -> str:
@@ -49,7 +50,9 @@ def test_replicas_share_the_fleet_keys_tokens_and_hosts(
     assert "were there already, kept" in again.stdout
     pin = made.stdout.split("ca pin: ")[1].split()[0]
     assert again.stdout.split("ca pin: ")[1].split()[0] == pin
-    first, second = replica(tmp_path, "a", database), replica(tmp_path, "b", database)
+    web_port = free_port()
+    first = replica(tmp_path, "a", database)
+    second = replica(tmp_path, "b", database, "--web-listen", f"127.0.0.1:{web_port}")
     try:
         first.start(), second.start()
         assert first.api("GET", "/v1/status")["ca_pin"] == pin == second.api("GET", "/v1/status")["ca_pin"]
@@ -90,6 +93,13 @@ def test_replicas_share_the_fleet_keys_tokens_and_hosts(
         joined = json.loads((late.state / "agent.json").read_text())
         assert joined["server_url"] == second.url
         assert joined["replica_urls"] == [second.url, first.url]
+        # The web page names the replica that holds a host, as `hosts show` does.
+        late_id = late.host_id()
+        owner = wait_for(lambda: second.host(late_id)["owner"], 20, "the late host's owner")
+        browser = Client(f"http://127.0.0.1:{web_port}")
+        browser.login(web_login(second))
+        shown = browser.get(f"/hosts/{late_id}")
+        assert shown.status == 200 and f'<dd id="owner">replica {owner} ' in shown.text, shown.text
     finally:
         first.close()
         second.close()

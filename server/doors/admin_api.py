@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 
@@ -22,7 +22,6 @@ from server.config import unreachable_url_problem
 from server.doors.http import FLEET, errors_middleware, fleet_of
 from server.fleet import Fleet, Refused
 from server.model import Transport
-from server.replicas import ReplicaInfo
 from server.websessions import WebSessions
 
 LINKS = "virtfleet.links"
@@ -32,13 +31,8 @@ OWNERSHIP = "virtfleet.ownership"
 AUDIT_LIMIT = 10_000  # entries one answer carries at most (the newest)
 
 
-class OwnershipView(Protocol):
-    def owner_of(self, host_id: str) -> str: ...
-    def replicas(self) -> list[ReplicaInfo]: ...
-
-
 def create_admin_app(fleet: Fleet, links: LinkView, gateway: GatewayView,
-                     sessions: WebSessions, ownership: OwnershipView) -> web.Application:
+                     sessions: WebSessions, ownership: admin.OwnershipView) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024)
     app[FLEET] = fleet
     app[OWNERSHIP] = ownership
@@ -163,8 +157,8 @@ def host_detail(request: web.Request, host_id: str) -> dict[str, Any]:
     host = fleet.store.get_host(host_id)
     if host is None:
         raise Refused(404, "not_found", f"host {host_id} is gone")
-    return admin.host_detail(fleet, request.app[LINKS], request.app[GATEWAY], host) | {
-        "owner": request.app[OWNERSHIP].owner_of(host_id)}
+    return admin.host_detail(fleet, request.app[LINKS], request.app[GATEWAY],
+                             request.app[OWNERSHIP], host)
 
 
 async def list_audit(request: web.Request) -> web.Response:

@@ -33,7 +33,7 @@ from aiohttp import web
 from common import VERSION, wire
 from common.cli import ago, duration, when
 from server import admin
-from server.admin import GatewayView, LinkView
+from server.admin import GatewayView, LinkView, OwnershipView
 from server.changes import Change, ChangeLog, Gone
 from server.config import ServerConfig, unreachable_url_problem
 from server.doors.guard import ConnectionGuard
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 LINKS, GATEWAY, CHANGES, SESSIONS = ("virtfleet.links", "virtfleet.gateway", "virtfleet.changes",
                                      "virtfleet.web_sessions")
+OWNERSHIP = "virtfleet.ownership"
 SESSION, SECRET = "virtfleet.session", "virtfleet.session_secret"  # on a request
 HANDSHAKE_TIMEOUT = 10.0
 MAX_PER_ADDRESS = 64  # connections one address may hold: a browser opens a handful
@@ -77,11 +78,11 @@ SECURITY_HEADERS = {
 
 
 def create_web_app(fleet: Fleet, links: LinkView, gateway: GatewayView, changes: ChangeLog,
-                   sessions: WebSessions) -> web.Application:
+                   sessions: WebSessions, ownership: OwnershipView) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, session_middleware],
                           client_max_size=64 * 1024)
     app[FLEET], app[LINKS], app[GATEWAY] = fleet, links, gateway
-    app[CHANGES], app[SESSIONS] = changes, sessions
+    app[CHANGES], app[SESSIONS], app[OWNERSHIP] = changes, sessions, ownership
     env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"),
                                autoescape=True, undefined=jinja2.StrictUndefined)
     env.filters.update(when=when, ago=ago, facts=describe_facts, transport=describe_transport)
@@ -265,7 +266,8 @@ async def hosts_page(request: web.Request) -> web.Response:
 async def host_page(request: web.Request) -> web.Response:
     fleet = fleet_of(request)
     host = admin.resolve_host(fleet, request.match_info["ref"])
-    detail = admin.host_detail(fleet, request.app[LINKS], request.app[GATEWAY], host)
+    detail = admin.host_detail(fleet, request.app[LINKS], request.app[GATEWAY],
+                               request.app[OWNERSHIP], host)
     facts = {name: result for name, result in sorted(detail["report"].get("facts", {}).items())
              if isinstance(result, dict)}
     return page(request, "host.html", host=detail, facts=facts, roles=wire.ROLES,
