@@ -419,6 +419,7 @@ def test_a_replica_cut_off_from_the_database_gives_its_hosts_up_before_another_t
         wait_for(lambda: sorted(owners(second, ids).values()) == sorted([a, a, b, b])
                  and all(second.host(h)["status"] == "online" for h in ids), 30,
                  "every host online, two owned by each replica")
+        agents_know_both_replicas(tmp_path, len(agents))
         with ConnectionWatch(daemons) as watch:
             nft(fleet.namespaces[0], CUT_RULES.format(address=fleet.db_address))
             cut = time.monotonic()
