@@ -302,11 +302,15 @@ class CheckinResponse:
 # (agents of protocol 1 refuse a field they do not know).
 ADDED_IN = {"server_urls": 2, "report_digest": 3, "send_report": 3, "reconnect_window": 4,
             "tunnel": 5}
+_NEWEST_FIELD = max(ADDED_IN.values())
 
 
 def answer_for(protocol: int, answer: dict[str, Any]) -> dict[str, Any]:
     """A check-in answer (as JSON) with only the fields an agent of `protocol` knows."""
+    if protocol >= _NEWEST_FIELD:  # a current agent (nearly every check-in): all of them
+        return answer
     return {k: v for k, v in answer.items() if ADDED_IN.get(k, 0) <= protocol}
+
 
 
 @dataclass(kw_only=True)

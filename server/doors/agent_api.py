@@ -64,11 +64,16 @@ def peer_serial(request: web.Request) -> str | None:
 
 
 def json_message(message: Any) -> web.Response:
-    return web.json_response(wire.to_json(message), dumps=_compact)
+    return json_body(wire.to_json(message))
 
 
-def _compact(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+# One encoder for every answer: json.dumps with any option builds a new one per call.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def json_body(obj: Any) -> web.Response:
+    """`obj` as compact JSON (ASCII: escapes, so the bytes need no charset)."""
+    return web.Response(body=_COMPACT.encode(obj).encode(), content_type="application/json")
 
 
 async def get_ca(request: web.Request) -> web.Response:
@@ -109,7 +114,7 @@ async def post_checkin(request: web.Request) -> web.Response:
     host = fleet.host_for_certificate(peer_serial(request))
     req = await read_message(request, wire.CheckinRequest)
     answer = wire.to_json(fleet.checkin(host, req, peer_address(request)))
-    response = web.json_response(wire.answer_for(req.protocol, answer), dumps=_compact)
+    response = json_body(wire.answer_for(req.protocol, answer))
     request.app[INSTRUMENTS].checked_in(req.report is None, time.perf_counter() - started)
     return response
 
