@@ -312,7 +312,6 @@ def answer_for(protocol: int, answer: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in answer.items() if ADDED_IN.get(k, 0) <= protocol}
 
 
-
 @dataclass(kw_only=True)
 class RenewRequest:
     csr: str = _text(MAX_PEM)
