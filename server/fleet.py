@@ -28,6 +28,7 @@ from server.ca import CertificateAuthority, libvirt_names
 from server.config import ServerConfig
 from server.hosts import HostStatus
 from server.model import AdminState, Connection, Host, LinkState, Status, Token, Transport
+from server.pace import MIN_WINDOW
 from server.ratelimit import RateLimiter
 from server.store import Store, StoreError
 from server.tokens import TokenClaims, TokenError, TokenSigner
@@ -39,13 +40,6 @@ HOST_ORG = "virtfleet-host"
 # renews once a month or when it moves; anything far beyond is a loop or an attack.
 CHECKIN_RATE, CHECKIN_BURST = 2.0, 20.0
 RENEW_RATE, RENEW_BURST = 1 / 600, 3.0
-# TLS handshakes (with each agent's first check-in) a server takes per second when every
-# host reconnects at once: about 400 on 2 cores shared with the load (bench/README.md).
-# Agents cut off by a restart spread their reconnects over hosts / this, so 10,000 come
-# back in about 25 s with no try timing out; all at once, they took a minute and
-# thousands of tries timed out half done.
-HANDSHAKES_PER_SECOND = 400.0
-MIN_RECONNECT_WINDOW = 2.0
 
 
 class Refused(Exception):
@@ -103,7 +97,7 @@ class Fleet:
         self.audit = audit
         self.tunnel_wanted = tunnel_wanted
         self.other_replicas = other_replicas
-        self.reconnect_window = MIN_RECONNECT_WINDOW
+        self.reconnect_window = MIN_WINDOW  # server/pace.py: set by the sweep loop
         self._checkins = RateLimiter(CHECKIN_RATE, CHECKIN_BURST)
         self._renewals = RateLimiter(RENEW_RATE, RENEW_BURST)
 
@@ -295,11 +289,6 @@ class Fleet:
             server_urls=[self.config.url, *self.other_replicas()], report_digest=host.report_digest,
             send_report=send_report, reconnect_window=self.reconnect_window,
             tunnel=self.tunnel_wanted(host))
-
-    def note_host_count(self, hosts: int) -> None:
-        """How many hosts would reconnect after a restart (the sweep tells, every second):
-        the reconnect window is the time their handshakes take."""
-        self.reconnect_window = max(MIN_RECONNECT_WINDOW, hosts / HANDSHAKES_PER_SECOND)
 
     def public_detail(self, host: Host) -> str:
         """The status detail as the host itself may read it. Why the server cannot open

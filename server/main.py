@@ -45,6 +45,7 @@ from server.links.relays import OwnerLinks, RelayDoor, replica_context
 from server.links.routes import Routes
 from server.links.tunnels import AgentPort, Tunnels
 from server.model import AdminState, Connection, Host, LinkState, Status
+from server.pace import ReconnectPace
 from server.replicas import Leases, SoleOwner, replica_id
 from server.store import CHECKIN_FLUSH, Store, StoreError
 from server.tls import (
@@ -338,9 +339,10 @@ class Supervisor:
 class Loops:
     """The server's own background work, each loop small and apart."""
 
-    def __init__(self, parts: Parts, supervisor: Supervisor) -> None:
+    def __init__(self, parts: Parts, supervisor: Supervisor, pace: ReconnectPace) -> None:
         self.parts = parts
         self.supervisor = supervisor
+        self.pace = pace
         self.swept_at = time.monotonic()
 
     async def sweep_forever(self) -> None:
@@ -351,7 +353,9 @@ class Loops:
                 await self.parts.status.sweep()
                 self.swept_at = time.monotonic()
                 counts = self.parts.store.status_counts()
-                self.parts.fleet.note_host_count(sum(counts.values()))
+                # What the hosts would need to reconnect if this server restarted now.
+                self.pace.sample()
+                self.parts.fleet.reconnect_window = self.pace.window(sum(counts.values()))
                 summary = status_line(self.parts.config.url, counts)
                 if summary != shown:
                     notify.status(summary)
@@ -427,7 +431,7 @@ async def serve(config: ServerConfig) -> int:
     web_door = WebDoor(config, create_web_app(parts.fleet, parts.links, parts.gateway,
                                               parts.changes, parts.sessions, parts.ownership))
     supervisor = Supervisor()
-    loops = Loops(parts, supervisor)
+    loops = Loops(parts, supervisor, ReconnectPace(lambda: (guard.connections, guard.requests)))
     await agent_runner.setup()
     await admin_runner.setup()
     await engine_runner.setup()

@@ -22,9 +22,10 @@ from bench.report import simulated_report
 from common import pki, wire
 from common.backoff import Backoff
 from server.config import ServerConfig
-from server.fleet import HANDSHAKES_PER_SECOND, MIN_RECONNECT_WINDOW, Fleet
+from server.fleet import Fleet
 from server.main import Parts, build
 from server.model import Host, Status
+from server.pace import BUSY, CPU_SHARE, DEFAULT_RATE, MAX_RATE, MIN_WINDOW, ReconnectPace
 from tests.harness import Agent, Libvirtd, Server, wait_for
 
 ADDRESS = "10.0.0.7"
@@ -123,17 +124,40 @@ def test_an_agent_is_answered_only_in_fields_its_protocol_knows(parts: Parts, pr
     assert {"host_id", "status", "detail", "checkin_interval"} <= sent
 
 
-def test_the_reconnect_window_is_the_time_every_hosts_handshake_takes(parts: Parts) -> None:
+def test_a_check_in_answer_carries_the_reconnect_window(parts: Parts) -> None:
     serial, report = enrolled(parts.fleet)
+    parts.fleet.reconnect_window = 12.5
+    answer = parts.fleet.checkin(lookup(parts, serial), wire.CheckinRequest(report=report), ADDRESS)
+    assert answer.reconnect_window == 12.5
 
-    def window() -> float:
-        return parts.fleet.checkin(lookup(parts, serial), wire.CheckinRequest(report=report),
-                                   ADDRESS).reconnect_window
 
-    parts.fleet.note_host_count(1)
-    assert window() == MIN_RECONNECT_WINDOW
-    parts.fleet.note_host_count(10_000)
-    assert window() == 10_000 / HANDSHAKES_PER_SECOND
+def test_the_reconnect_window_is_every_hosts_reconnect_at_the_pace_measured_in_storms() -> None:
+    counts, cpu = [0, 0], [0.0]  # connections made, requests served; CPU seconds
+    pace = ReconnectPace(lambda: (counts[0], counts[1]), lambda: cpu[0])
+    assert pace.window(1) == MIN_WINDOW
+    assert pace.window(10_000) == 10_000 / DEFAULT_RATE
+
+    def then(connections: int, requests: int, cpu_seconds: float) -> float:
+        counts[:] = [counts[0] + connections, counts[1] + requests]
+        cpu[0] += cpu_seconds
+        pace.sample()
+        return pace.rate
+
+    # A storm: 1,000 new connections, each with its first check-in, took 1.25 CPU s.
+    assert then(1000, 1000, 1.25) == CPU_SHARE * 1000 / 1.25
+    assert pace.window(10_000) == 10_000 / (CPU_SHARE * 800)
+    # Steady check-ins on kept connections say nothing of what a reconnect costs, nor do
+    # a few new connections.
+    assert then(150, 5000, 2.0) == CPU_SHARE * 800
+    assert then(BUSY - 1, BUSY - 1, 0.01) == CPU_SHARE * 800
+    # The next storm was cheaper: the rate moves halfway to it.
+    assert then(1000, 1000, 0.8) == pytest.approx((CPU_SHARE * 800 + CPU_SHARE * 1250) / 2)
+    # A sample claiming a rate no machine has measured something else: it counts as the most.
+    fresh = ReconnectPace(lambda: (counts[0], counts[1]), lambda: cpu[0])
+    counts[:] = [counts[0] + 1000, counts[1] + 1000]
+    cpu[0] += 0.001
+    fresh.sample()
+    assert fresh.rate == MAX_RATE
 
 
 def test_a_check_in_with_no_answer_retries_within_the_window_and_an_answer_backs_off() -> None:

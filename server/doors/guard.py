@@ -39,6 +39,7 @@ class ConnectionGuard:
         self._address: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._served: weakref.WeakSet[Any] = weakref.WeakSet()
         self.refused: Counter[str] = Counter()  # connections closed, by why
+        self.connections = self.requests = 0  # admitted and served so far (server/pace.py)
 
     def install(self, server: web.Server) -> None:
         made, lost, make_request = server.connection_made, server.connection_lost, \
@@ -55,6 +56,7 @@ class ConnectionGuard:
 
         def request_factory(message: Any, payload: Any, handler: web.RequestHandler,
                             writer: Any, task: Any) -> web.BaseRequest:
+            self.requests += 1
             if handler.transport is not None:
                 self._served.add(handler.transport)  # its first request came in time
             return make_request(message, payload, handler, writer, task)
@@ -76,6 +78,7 @@ class ConnectionGuard:
             transport.abort()
             return False
         self.per_address[address] += 1
+        self.connections += 1
         self._address[transport] = address
         asyncio.get_running_loop().call_later(self.first_request_timeout, self._deadline, transport)
         return True
