@@ -8,6 +8,7 @@ the machine's own libvirt.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -46,6 +47,16 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
         time.sleep(interval)
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    """wait_for inside an event loop: polls with the loop running meanwhile (it may be what
+    makes `condition()` true)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.005)
 
 
 def observed(what: str, since: float) -> float:

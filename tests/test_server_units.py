@@ -34,6 +34,7 @@ from server.model import Connection, Host, LinkState, Status
 from server.ratelimit import RateLimiter
 from server.replicas import assign
 from server.store import StoreUnavailable
+from tests.harness import until
 
 
 def report(ok: bool = True, endpoint: bool = True, role: str = "mixed",
@@ -214,14 +215,6 @@ def online_conn(manager: LinkManager, states: dict[str, Connection], host_id: st
     if link is None or link.opened is None or state is None or state.state != LinkState.ONLINE:
         return None
     return link.opened.conn
-
-
-async def until(condition: Any, what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def test_a_failed_open_is_an_error_and_libvirtd_back_retries_at_once() -> None:

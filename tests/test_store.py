@@ -20,7 +20,7 @@ from server.store import StoreError, StoreUnavailable
 from server.store.postgres import PostgresStore
 from server.store.sql import COUNTS_SQL, HISTORY_BURST, HISTORY_KEEP, SqlStore
 from server.store.sqlite import SWEEP_SQL, SqliteStore
-from tests.harness import Postgres, free_port, wait_for
+from tests.harness import Postgres, free_port, until, wait_for
 from tests.test_server_units import make_host, report
 
 ONLINE = Connection(LinkState.ONLINE, "open")
@@ -334,7 +334,7 @@ def test_a_replica_keeps_the_rows_it_read_until_another_changes_them(open_store:
     async def run() -> None:
         store.watch_changes(asyncio.get_running_loop())
         rows = store._rows
-        await wait_async(lambda: getattr(rows, "live", False), "the watch to listen")
+        await until(lambda: getattr(rows, "live", False), "the watch to listen", timeout=10)
         assert store.host_by_serial("s1") is not None  # read, and kept
         reads = count_reads(store)
         for _ in range(3):
@@ -347,23 +347,14 @@ def test_a_replica_keeps_the_rows_it_read_until_another_changes_them(open_store:
         # Announcements come in commit order: once another's later change to h2 is heard,
         # the one of its own change to h1 was too, and ignored.
         other.update_host("h2", role_override="mixed")
-        await wait_async(lambda: store._rows.by_id("h2") is None, "the other's change to h2")
+        await until(lambda: store._rows.by_id("h2") is None, "the other's change to h2", timeout=10)
         assert (kept := store.host_by_serial("s1")) is not None and kept.last_checkin == 77
         assert reads() == 1  # h2's row, not h1's
         other.update_host("h1", admin_state="disabled")  # another replica's change
-        await wait_async(lambda: (h := store.host_by_serial("s1")) is not None
-                         and h.admin_state == "disabled", "the other's change to be seen")
+        await until(lambda: (h := store.host_by_serial("s1")) is not None
+                    and h.admin_state == "disabled", "the other's change to be seen", timeout=10)
 
     asyncio.run(run())
-
-
-async def wait_async(condition: Callable[[], object], what: str, timeout: float = 10) -> None:
-    """`condition()` true within `timeout` s, the loop running meanwhile (it delivers the
-    watch's news)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def count_reads(store: PostgresStore) -> Callable[[], int]:

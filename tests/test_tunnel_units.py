@@ -14,7 +14,7 @@ import pytest
 
 from agent.tunnel import TunnelKeeper
 from common import tunnel
-from tests.test_server_units import until
+from tests.harness import until
 
 Scenario = Callable[[tunnel.H2Link, tunnel.H2Link], Awaitable[None]]
 
