@@ -19,15 +19,11 @@ from server import admin
 from server.admin import GatewayView, LinkView
 from server.audit import peer_actor
 from server.config import unreachable_url_problem
-from server.doors.http import FLEET, errors_middleware, fleet_of
+from server.doors.http import FLEET, GATEWAY, LINKS, OWNERSHIP, SESSIONS, errors_middleware, fleet_of
 from server.fleet import Fleet, Refused
 from server.model import Transport
 from server.websessions import WebSessions
 
-LINKS = "virtfleet.links"
-GATEWAY = "virtfleet.gateway"
-SESSIONS = "virtfleet.web_sessions"
-OWNERSHIP = "virtfleet.ownership"
 AUDIT_LIMIT = 10_000  # entries one answer carries at most (the newest)
 
 

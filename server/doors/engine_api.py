@@ -23,9 +23,8 @@ from aiohttp import web
 
 from common import VERSION
 from server.changes import ChangeLog, Gone
-from server.doors.http import error_response
+from server.doors.http import CHANGES, error_response
 
-CHANGES = "virtfleet.changes"
 HEARTBEAT = 5.0
 
 

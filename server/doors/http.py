@@ -13,7 +13,13 @@ from server.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-FLEET = "virtfleet.fleet"  # app key (aiohttp 3.8, Debian 12's, has no web.AppKey)
+# App keys (aiohttp 3.8, Debian 12's, has no web.AppKey): the parts each door's app holds.
+FLEET = "virtfleet.fleet"
+LINKS = "virtfleet.links"
+GATEWAY = "virtfleet.gateway"
+CHANGES = "virtfleet.changes"
+SESSIONS = "virtfleet.web_sessions"
+OWNERSHIP = "virtfleet.ownership"
 ON_REFUSED = "virtfleet.on_refused"  # app key: called with the error code of each refusal
 ERROR_CODE = "virtfleet.error"  # on a refusal's response: its code
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

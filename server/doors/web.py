@@ -37,7 +37,7 @@ from server.admin import GatewayView, LinkView, OwnershipView
 from server.changes import Change, ChangeLog, Gone
 from server.config import ServerConfig, unreachable_url_problem
 from server.doors.guard import ConnectionGuard
-from server.doors.http import FLEET, answer, fleet_of
+from server.doors.http import CHANGES, FLEET, GATEWAY, LINKS, OWNERSHIP, SESSIONS, answer, fleet_of
 from server.fleet import Fleet, Refused
 from server.model import Status, WebSession
 from server.views import describe_facts, describe_transport
@@ -46,9 +46,6 @@ from server.websessions import LoginRefused, WebSessions, csrf_token, session_ac
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-LINKS, GATEWAY, CHANGES, SESSIONS = ("virtfleet.links", "virtfleet.gateway", "virtfleet.changes",
-                                     "virtfleet.web_sessions")
-OWNERSHIP = "virtfleet.ownership"
 SESSION, SECRET = "virtfleet.session", "virtfleet.session_secret"  # on a request
 HANDSHAKE_TIMEOUT = 10.0
 MAX_PER_ADDRESS = 64  # connections one address may hold: a browser opens a handful
