@@ -99,14 +99,14 @@ class EngineFeed:
         replica's is shown as `replica` (its state is that replica's)."""
         self.changes, self.gateway_uri, self.states = changes, gateway_uri, states
         self.owns = owns
-        # What each host's record was built from (its hash: the report text is kilobytes): a
+        # What each host's record was built from (its hash; the report by its digest): a
         # check-in that changed nothing of it costs a comparison, not a rebuild.
         self._built_from: dict[str, int] = {}
 
     def publish(self, host: Host) -> None:
         state = self.states.get(host.id)
         link = str(state.state) if state else "closed" if self.owns(host.id) else "replica"
-        source = hash((host.report_text, host.status, host.detail, host.role, host.admin_state,
+        source = hash((host.report_digest, host.status, host.detail, host.role, host.admin_state,
                        link))
         self.checked_in(host)
         if self._built_from.get(host.id) == source:

@@ -3,7 +3,8 @@
 States are enums (`StrEnum`: they are stored, compared and sent as their plain names).
 A host's report is kept as the JSON text the agent sent and parsed into the typed
 `wire.Report` only when something reads it: a check-in carries a fresh typed report,
-and the hot path never re-parses the stored one.
+and the hot path never re-parses the stored one. A row the store keeps in memory leaves
+even the text in the database until something reads it (`Host.report_text` None).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common import wire
@@ -105,7 +107,9 @@ class Host:
     last_checkin: float | None
     address: str
     agent_version: str
-    report_text: str = "{}"  # the agent's last report, as JSON text
+    # The agent's last report as JSON text; None: still in the store (read it through
+    # `report` or `stored_report_text`).
+    report_text: str | None = "{}"
     report_digest: str = ""  # wire.report_digest(report_text): what its heartbeats carry
     token_jti: str = ""
     cert_serial: str = ""
@@ -120,6 +124,10 @@ class Host:
     libvirtd_ok: bool = False  # what the last report said, kept apart to skip parsing it
     transport: Transport = Transport.DIRECT  # how the server reaches its libvirtd
     _report: wire.Report | None = field(default=None, repr=False, compare=False)
+    # Where a report text left in the store is read from (by host id; None: the host is
+    # gone): a cached row's (store/sql.RowCache).
+    _read_report: Callable[[str], str | None] | None = field(default=None, repr=False,
+                                                             compare=False)
 
     def __post_init__(self) -> None:
         self.admin_state = AdminState(self.admin_state)
@@ -130,8 +138,14 @@ class Host:
     @property
     def report(self) -> wire.Report:
         if self._report is None:
-            self._report = parse_report(self.report_text)
+            self._report = parse_report(self.stored_report_text())
         return self._report
+
+    def stored_report_text(self) -> str:
+        if self.report_text is None:
+            assert self._read_report is not None, "a row without its report and nowhere to read it"
+            self.report_text = self._read_report(self.id) or "{}"
+        return self.report_text
 
     def take_report(self, report: wire.Report) -> None:
         """A check-in's (or an enrollment's) report: typed, and as the text to store."""

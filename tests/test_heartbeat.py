@@ -78,7 +78,7 @@ def test_a_heartbeat_writes_liveness_alone_and_reads_no_report(parts: Parts) -> 
                                  ADDRESS)
     assert not answer.send_report and answer.report_digest == full.report_digest
     assert answer.status == full.status and answer.host_id == full.host_id
-    assert host._report is None  # the stored report was never parsed
+    assert host.report_text is None and host._report is None  # not even read
     assert parts.changes.revision == revision  # no change for engines: nothing changed
     record = json.loads(parts.changes.get(host.id) or b"{}")
     assert before is not None and record["last_checkin"] > before  # but it is fresh

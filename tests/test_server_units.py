@@ -22,6 +22,7 @@ from server import memory, replicas
 from server.cli import build_parser as server_parser
 from server.cli import main as server_main
 from server.config import ServerConfig, unreachable_url_problem
+from server.doors.guard import ConnectionGuard
 from server.fleet import checkin_delay
 from server.hosts import derive
 from server.links.direct import DialError, Target, dial
@@ -116,6 +117,37 @@ def test_a_full_garbage_collection_is_due_once_memory_grew_and_settled() -> None
     assert full_collection_due(grown=GC_GROWTH, growing=0)
     assert not full_collection_due(grown=GC_GROWTH, growing=GC_GROWTH // 2)  # a storm
     assert not full_collection_due(grown=-GC_GROWTH, growing=0)  # shrinking is no reason
+
+
+class FakeTransport:
+    def __init__(self, address: str) -> None:
+        self.address, self.aborted = address, False
+
+    def get_extra_info(self, name: str) -> Any:
+        return (self.address, 4000) if name == "peername" else None
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+
+def test_the_connection_guard_forgets_every_connection_it_released() -> None:
+    async def run() -> ConnectionGuard:
+        guard = ConnectionGuard(max_per_address=2, first_request_timeout=60)
+        a, b, c, d = (FakeTransport(ip) for ip in ("10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.2"))
+        admitted = [guard.admit(t) for t in (a, b, c, d)]  # type: ignore[arg-type]
+        assert admitted == [True, True, False, True] and c.aborted  # the third was past the cap
+        guard.served(b)  # type: ignore[arg-type]
+        for t in (a, b, c, d):
+            guard.release(t)  # type: ignore[arg-type]
+        assert guard.admit(FakeTransport("10.0.0.1"))  # type: ignore[arg-type]  # room again
+        return guard
+
+    guard = asyncio.run(run())
+    assert dict(guard.per_address) == {"10.0.0.1": 1} and len(guard._address) == 1
+    assert not guard._served
 
 
 def test_hosts_arriving_together_are_spread_over_the_interval_by_their_next_checkin() -> None:

@@ -18,7 +18,7 @@ from server.hosts import SWEEP_BATCH, HostStatus
 from server.model import Connection, Host, LinkState, Status, Token, WebLogin, WebSession
 from server.store import StoreError, StoreUnavailable
 from server.store.postgres import PostgresStore
-from server.store.sql import COUNTS_SQL, HISTORY_BURST, HISTORY_KEEP, SqlStore
+from server.store.sql import COUNTS_SQL, HISTORY_BURST, HISTORY_KEEP, SqlStore, WatchedCache
 from server.store.sqlite import SWEEP_SQL, SqliteStore
 from tests.harness import Postgres, free_port, until, wait_for
 from tests.test_server_units import make_host, report
@@ -126,6 +126,24 @@ def test_a_queued_check_in_is_seen_by_the_next_lookup_and_by_every_read(open_sto
     assert stored is not None and stored.last_checkin == 60 and not stored.libvirtd_ok
     assert stored.report_digest == again.report_digest
     fresh.close()
+
+
+def test_a_kept_row_leaves_its_report_in_the_database_until_it_is_read(open_store: Opener) -> None:
+    store = store_with(open_store, [make_host(cert_serial="s1")])
+    if isinstance(store._rows, WatchedCache):
+        store._rows.live = True  # as while its change watch listens
+    first = store.host_by_serial("s1")  # read from the database: the caller gets it all
+    assert first is not None and first.report_text is not None
+    kept = store._rows.by_id("h1")
+    assert kept is not None and kept.report_text is None  # what stays in memory
+    cached = store.host_by_serial("s1")
+    assert cached is not None and cached.report.libvirtd.ok  # read when asked for
+    assert cached.report_text == first.report_text
+    cached.take_report(report(ok=False))
+    store.record_report(cached)  # queued, not written yet: the queued one is read
+    again = store.host_by_serial("s1")
+    assert again is not None and again.report.libvirtd.error == "socket gone"
+    store.close()
 
 
 def test_sweep_picks_only_hosts_whose_freshness_disagrees_with_their_status(open_store: Opener) -> None:

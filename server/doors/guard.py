@@ -14,7 +14,6 @@ import asyncio
 import logging
 import resource
 import time
-import weakref
 from collections import Counter
 from typing import Any
 
@@ -36,8 +35,10 @@ class ConnectionGuard:
         self.max_per_address = max_per_address
         self.first_request_timeout = first_request_timeout
         self.per_address: Counter[str] = Counter()
-        self._address: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-        self._served: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Each admitted connection's address, and those that proved themselves: until its
+        # release (every admitted connection is released when it closes).
+        self._address: dict[asyncio.Transport, str] = {}
+        self._served: set[asyncio.Transport] = set()
         self.refused: Counter[str] = Counter()  # connections closed, by why
         self.connections = self.requests = 0  # admitted and served so far (server/pace.py)
 
@@ -88,6 +89,7 @@ class ConnectionGuard:
         self._served.add(transport)
 
     def release(self, transport: asyncio.Transport) -> None:
+        self._served.discard(transport)
         address = self._address.pop(transport, None)
         if address is None:
             return

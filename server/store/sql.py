@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import astuple, fields
 from typing import Any, ClassVar, Protocol
@@ -185,7 +186,7 @@ class SqlStore(abc.ABC):
         if cached is not None:
             return cached
         row = self.db.execute("SELECT * FROM hosts WHERE id=?", (host_id,)).fetchone()
-        return self._rows.keep(self._lay_queued_over(_host(row))) if row else None
+        return self._cache(_host(row)) if row else None
 
     def host_by_serial(self, serial: str) -> Host | None:
         """The hot path (every check-in): from the row cache, else two indexed lookups
@@ -196,7 +197,19 @@ class SqlStore(abc.ABC):
         row = (self.db.execute("SELECT * FROM hosts WHERE cert_serial=?", (serial,)).fetchone()
                or self.db.execute("SELECT * FROM hosts WHERE prev_cert_serial=?",
                                   (serial,)).fetchone())
-        return self._rows.keep(self._lay_queued_over(_host(row))) if row else None
+        return self._cache(_host(row)) if row else None
+
+    def _cache(self, host: Host) -> Host:
+        return self._rows.keep(self._lay_queued_over(host), self._stored_report)
+
+    def _stored_report(self, host_id: str) -> str | None:
+        """A cached row's report text, when something reads it: the queued one, else the
+        database's."""
+        queued = self._reports.get(host_id)
+        if queued is not None:
+            return str(queued[0])
+        row = self.db.execute("SELECT report FROM hosts WHERE id=?", (host_id,)).fetchone()
+        return None if row is None else str(row[0])
 
     def list_hosts(self) -> list[Host]:
         self._flush_for_read()
@@ -240,11 +253,9 @@ class SqlStore(abc.ABC):
         self._reports[host.id] = (host.report_text, host.report_digest, host.hostname,
                                   host.configured_role, host.agent_version, host.libvirtd_ok,
                                   host.id)
-        self._rows.lay_over(host.id, report_text=host.report_text,
-                            report_digest=host.report_digest, hostname=host.hostname,
+        self._rows.lay_over(host.id, report_digest=host.report_digest, hostname=host.hostname,
                             configured_role=host.configured_role,
-                            agent_version=host.agent_version, libvirtd_ok=host.libvirtd_ok,
-                            _report=None)
+                            agent_version=host.agent_version, libvirtd_ok=host.libvirtd_ok)
         self._flush_when_due()
 
     def _flush_when_due(self) -> None:
@@ -460,8 +471,9 @@ class RowCache:
     """The hosts' rows as stored (queued check-ins laid over), by id and by certificate
     serial: a check-in's lookup was a third of a heartbeat's cost in SQLite. Every write
     to a host's row goes through the store, which lays it over here or drops the row;
-    callers get copies, theirs to change. A parsed report is not kept (tens of KB a host
-    as Python objects): only its text, as the row has it."""
+    callers get copies, theirs to change. The report stays in the database (a few KB a
+    host, as text; tens as Python objects): a copy reads it when something asks for it,
+    which a heartbeat never does."""
 
     def __init__(self) -> None:
         self._hosts: dict[str, Host] = {}
@@ -475,15 +487,17 @@ class RowCache:
         host_id = self._serials.get(serial)
         return None if host_id is None else self.by_id(host_id)
 
-    def keep(self, host: Host) -> Host:
-        """Cache a row just read; returns a copy for the caller."""
+    def keep(self, host: Host, read_report: Callable[[str], str | None]) -> Host:
+        """Cache a row just read (its report through `read_report` from then on); returns
+        a copy for the caller, report and all."""
         self.drop(host.id)
-        host._report = None
+        twin = _copy(host)
+        host.report_text, host._report, host._read_report = None, None, read_report
         self._hosts[host.id] = host
         for serial in (host.cert_serial, host.prev_cert_serial):
             if serial:
                 self._serials[serial] = host.id
-        return _copy(host)
+        return twin
 
     def lay_over(self, host_id: str, **values: Any) -> None:
         host = self._hosts.get(host_id)
@@ -511,8 +525,8 @@ class WatchedCache(RowCache):
     def by_id(self, host_id: str) -> Host | None:
         return super().by_id(host_id) if self.live else None
 
-    def keep(self, host: Host) -> Host:
-        return super().keep(host) if self.live else host
+    def keep(self, host: Host, read_report: Callable[[str], str | None]) -> Host:
+        return super().keep(host, read_report) if self.live else host
 
     def clear(self) -> None:
         self._hosts.clear()
